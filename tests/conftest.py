@@ -1,0 +1,58 @@
+"""Shared fixtures: a real git+DVC workspace in tmp_path, telemetry off everywhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.paths import Workspace
+
+PROJECT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+for _key, _value in {
+    "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GIT_AUTHOR_NAME": "visionops-tests",
+    "GIT_AUTHOR_EMAIL": "tests@visionops.invalid",
+    "GIT_COMMITTER_NAME": "visionops-tests",
+    "GIT_COMMITTER_EMAIL": "tests@visionops.invalid",
+}.items():
+    os.environ.setdefault(_key, _value)
+# Stages run as `python -m tasks.<stage>` and the CLI as `visionops`: both from this venv.
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run a real command (git, dvc, visionops) and keep its output for assertion messages."""
+    proc = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_workspace(root: Path, remote: Path) -> Workspace:
+    """A fresh git+DVC repository laid out like this project, with a local DVC remote at ``remote``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml", ".gitignore"):
+        shutil.copy2(PROJECT / name, root / name)
+    shutil.copytree(PROJECT / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "config", "core.analytics", "false"], root)
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "workspace"], root)
+    return Workspace(root)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return make_workspace(tmp_path / "ws", tmp_path / "dvc-remote")
