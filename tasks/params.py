@@ -60,6 +60,7 @@ class ValidateParams:
     max_corrupt: int
     max_duplicate_fraction: float
     max_degenerate: int
+    min_pixel_std: float
     drift: DriftParams
 
 
@@ -118,6 +119,8 @@ class VerifyParams:
     min_agreement: float
     odd_batch: int
     latency_runs: int
+    throughput_runs: int
+    fp16_atol: float
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class RegistryParams:
     uri: str
     model_name: str
     max_batch_size: int
+    lock_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class ScheduleParams:
     cron: str
     timezone: str
     deployment: str
+    lock_timeout: int  # s a run waits for another run in the same workspace
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,13 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.image_size", lambda v: 4 <= v <= 1024, "between 4 and 1024"),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
     ("data.synthetic.classes", lambda v: 2 <= v <= 10, "between 2 and 10"),
+    ("validate.min_per_class", lambda v: v >= 0, "non-negative"),
+    ("validate.max_class_ratio", lambda v: v >= 1, "at least 1"),
+    ("validate.max_corrupt", lambda v: v >= 0, "non-negative"),
+    ("validate.max_duplicate_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.max_degenerate", lambda v: v >= 0, "non-negative"),
+    ("validate.min_pixel_std", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("validate.drift.max_label_tv", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.synthetic.train_per_class", lambda v: v >= 1, "at least 1"),
     ("data.synthetic.test_per_class", lambda v: v >= 1, "at least 1"),
     ("train.epochs", lambda v: v >= 1, "at least 1"),
@@ -182,7 +194,11 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("verify.min_agreement", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("verify.odd_batch", lambda v: v >= 1, "at least 1"),
     ("verify.latency_runs", lambda v: v >= 1, "at least 1"),
+    ("verify.throughput_runs", lambda v: v >= 1, "at least 1"),
+    ("verify.fp16_atol", lambda v: v > 0, "positive"),
     ("registry.max_batch_size", lambda v: v >= 1, "at least 1"),
+    ("registry.lock_timeout_s", lambda v: v > 0, "positive"),
+    ("schedule.lock_timeout", lambda v: v >= 0, "non-negative"),
 )
 
 

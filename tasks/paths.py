@@ -145,6 +145,16 @@ class Workspace:
         return self.root / ".visionops"
 
     @property
+    def registry_cache(self) -> Path:
+        """Local copies of files from a remote (fsspec URL) registry."""
+        return self.state / "registry-cache"
+
+    @property
+    def promotion_decision(self) -> Path:
+        """JSON of the last promotion decision, promoted or rejected (a rejection writes no registry file)."""
+        return self.state / "promotion.json"
+
+    @property
     def pipeline_lock(self) -> Path:
         return self.state / "pipeline.lock"
 

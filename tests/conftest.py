@@ -56,3 +56,23 @@ def make_workspace(root: Path, remote: Path) -> Workspace:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     return make_workspace(tmp_path / "ws", tmp_path / "dvc-remote")
+
+
+def write_class_folders(
+    root: Path, counts: dict[str, int], size: tuple[int, int] = (12, 9), mode: str = "RGB", seed: int = 0
+) -> list[Path]:
+    """``root/<class>/<i>.png`` with ``counts[class]`` distinct random images of ``size`` and ``mode``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written: list[Path] = []
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+            pixels = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+            path = root / name / f"{i:03d}.png"
+            Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode).save(path)
+            written.append(path)
+    return written

@@ -1,0 +1,81 @@
+"""At most one pipeline run works in a workspace at a time: an exclusive file lock under .visionops/.
+
+The lock is an ``flock`` on ``.visionops/pipeline.lock``: the kernel drops it when the holder's
+process ends, so a killed run never leaves a stale lock behind. The holder writes who it is into
+the file, so a run that has to wait can say what it is waiting for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from tasks.errors import VisionopsError
+from tasks.paths import Workspace
+
+POLL_S = 1.0  # how often a waiting run retries the lock
+WAIT_REPORT_S = 60.0  # a waiting run repeats its log line this often
+
+
+class WorkspaceBusy(VisionopsError):
+    """Another pipeline run held the workspace for longer than this run was allowed to wait."""
+
+
+def _holder(fd: int) -> str:
+    raw = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+    if not raw:
+        return "another process"
+    try:
+        info = json.loads(raw)
+        return f"{info['holder']} (pid {info['pid']}, since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return raw
+
+
+@contextmanager
+def workspace_lock(
+    ws: Workspace, holder: str, timeout_s: float, on_wait: Callable[[str], None]
+) -> Iterator[None]:
+    """Hold the workspace's pipeline lock; wait up to ``timeout_s`` for it, telling ``on_wait`` why.
+
+    Raises :class:`WorkspaceBusy` when the lock is still taken after ``timeout_s`` seconds.
+    """
+    path = ws.pipeline_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        started = time.monotonic()
+        last_report = -WAIT_REPORT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= timeout_s:
+                    raise WorkspaceBusy(
+                        f"workspace {ws.root} is still busy after {waited:.0f} s: {_holder(fd)} holds"
+                        f" {path}; try again when it has finished, or raise schedule.lock_timeout"
+                    ) from None
+                if waited - last_report >= WAIT_REPORT_S:
+                    on_wait(
+                        f"waiting for the workspace lock {path}: held by {_holder(fd)};"
+                        f" waited {waited:.0f} s of at most {timeout_s:.0f} s"
+                    )
+                    last_report = waited
+                time.sleep(POLL_S)
+        info = {"holder": holder, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

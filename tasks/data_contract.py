@@ -1,0 +1,201 @@
+"""The image-data contract as Great Expectations Core suites, run on frames built from the manifest.
+
+Four batches, one suite each:
+- ``images``: one row per image (manifest): corrupt files, duplicates within a split, degenerate images;
+- ``test_images``: the test rows, with ``train_twin`` (a train image with the same pixels): label set, leakage;
+- ``classes``: one row per (split, class): minimum count, balance;
+- ``tensors``: one row per split tensor file: shape, dtype, rows matching the manifest.
+Great Expectations is imported lazily: it costs seconds a process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.params import ValidateParams
+
+log = logging.getLogger(__name__)
+# GX logs every API registration at INFO; keep its warnings, drop the noise.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+MAX_EXAMPLES = 10  # paths quoted per failed expectation
+ID_COLUMN = {"images": "path", "test_images": "path", "classes": "class", "tensors": "split"}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    success: bool
+    observed: Any  # JSON-able summary of what was measured
+    expectation: str = ""  # the Great Expectations expectation type; "" for checks outside GX
+    column: str = ""
+    unexpected_count: int = 0
+    examples: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ContractInputs:
+    images: pd.DataFrame
+    test_images: pd.DataFrame
+    classes: pd.DataFrame
+    tensors: pd.DataFrame
+    train_classes: list[str]
+
+
+def _mostly(limit: int, n: int) -> float:
+    """GX's ``mostly`` (share that must pass) allowing ``limit`` failing rows out of ``n``."""
+    if limit <= 0 or n <= 0:
+        return 1.0
+    return max(0.0, 1.0 - (limit + 0.5) / n)  # +0.5: exactly ``limit`` failures must pass despite rounding
+
+
+def expectations(p: ValidateParams, image_size: int, channels: int, inputs: ContractInputs) -> dict[str, list[Any]]:
+    """Batch name -> its expectations, each tagged with ``meta.check`` (the check's stable name)."""
+    import great_expectations.expectations as gxe
+
+    n_images = len(inputs.images)
+    meta = lambda name, text: {"check": name, "notes": text}  # noqa: E731 - one line per expectation below
+    return {
+        "images": [
+            gxe.ExpectColumnValuesToBeInSet(
+                column="decoded", value_set=[True], mostly=_mostly(p.max_corrupt, n_images),
+                meta=meta("no_corrupt_files", f"at most {p.max_corrupt} undecodable files"),
+            ),
+            gxe.ExpectCompoundColumnsToBeUnique(
+                column_list=["split", "content_hash"], ignore_row_if="any_value_is_missing",
+                mostly=1.0 - p.max_duplicate_fraction,
+                meta=meta("duplicates_within_split", f"at most {p.max_duplicate_fraction:.2%} exact duplicates in a split"),
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="std", min_value=p.min_pixel_std, mostly=_mostly(p.max_degenerate, n_images),
+                meta=meta("no_degenerate_images", f"pixel std >= {p.min_pixel_std} (not constant or blank)"),
+            ),
+        ],
+        "test_images": [
+            gxe.ExpectColumnValuesToBeInSet(
+                column="class_name", value_set=inputs.train_classes,
+                meta=meta("label_set", "every test class is also a train class"),
+            ),
+            gxe.ExpectColumnValuesToBeNull(
+                column="train_twin",
+                meta=meta("no_train_test_leak", "no test image has the same pixels as a train image (leak)"),
+            ),
+        ],
+        "classes": [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="count", min_value=p.min_per_class,
+                meta=meta("min_per_class", f"at least {p.min_per_class} images per class in each split"),
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="largest_over_this", max_value=p.max_class_ratio,
+                meta=meta("class_balance", f"largest / smallest class count within a split <= {p.max_class_ratio}"),
+            ),
+        ],
+        "tensors": [
+            gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"], meta=meta("tensor_dtype", "images are uint8")),
+            gxe.ExpectColumnValuesToBeInSet(column="label_dtype", value_set=["int64"], meta=meta("label_dtype", "labels are int64")),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="channels", min_value=channels, max_value=channels, meta=meta("tensor_shape", f"{channels} channels")
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="height", min_value=image_size, max_value=image_size, meta=meta("tensor_shape", f"height {image_size}")
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="width", min_value=image_size, max_value=image_size, meta=meta("tensor_shape", f"width {image_size}")
+            ),
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="rows", column_B="decoded", meta=meta("tensor_rows", "one tensor row per decoded manifest row")
+            ),
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="label_rows", column_B="decoded", meta=meta("tensor_rows", "one label per decoded manifest row")
+            ),
+        ],
+    }
+
+
+def _context(data_docs: Path) -> Any:
+    """An ephemeral GX context (nothing persisted) whose Data Docs site is ``data_docs``."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+        data_docs_sites={
+            "visionops": {
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            }
+        },
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+def _examples(batch: str, result: dict[str, Any]) -> list[str]:
+    id_column = ID_COLUMN[batch]
+    examples: list[str] = []
+    for row in result.get("partial_unexpected_index_list") or []:
+        name = str(row.get(id_column, "?"))
+        if batch == "test_images" and row.get("train_twin"):
+            name += f" (same pixels as {row['train_twin']})"
+        if name not in examples:
+            examples.append(name)
+    return examples[:MAX_EXAMPLES]
+
+
+def run(p: ValidateParams, image_size: int, channels: int, inputs: ContractInputs, data_docs: Path) -> list[CheckResult]:
+    """Run every suite, build the Data Docs at ``data_docs``, and return one result per expectation."""
+    import great_expectations as gx
+
+    context = _context(data_docs)
+    source = context.data_sources.add_pandas("prepared")
+    checks: list[CheckResult] = []
+    for batch, suite_expectations in expectations(p, image_size, channels, inputs).items():
+        frame: pd.DataFrame = getattr(inputs, batch)
+        definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
+        suite = context.suites.add(gx.ExpectationSuite(name=f"visionops_{batch}"))
+        for expectation in suite_expectations:
+            suite.add_expectation(expectation)
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"visionops_{batch}", data=definition, suite=suite)
+        )
+        outcome = validation.run(
+            batch_parameters={"dataframe": frame},
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": [ID_COLUMN[batch]],
+                "partial_unexpected_count": MAX_EXAMPLES,
+            },
+        )
+        for item in outcome.results:
+            config = item.expectation_config
+            kwargs = config.kwargs
+            result = item.result or {}
+            exception = (item.exception_info or {}).get("exception_message")
+            column = kwargs.get("column") or ",".join(kwargs.get("column_list") or []) or f"{kwargs.get('column_A')}={kwargs.get('column_B')}"
+            checks.append(
+                CheckResult(
+                    name=config.meta["check"],
+                    success=bool(item.success),
+                    observed={"unexpected_count": int(result.get("unexpected_count") or 0), "element_count": int(result.get("element_count") or len(frame))},
+                    expectation=config.type,
+                    column=column,
+                    unexpected_count=int(result.get("unexpected_count") or 0),
+                    examples=_examples(batch, result),
+                    message=exception or config.meta["notes"],
+                )
+            )
+    context.build_data_docs(site_names=["visionops"])
+    return checks

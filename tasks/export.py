@@ -1,0 +1,191 @@
+"""export: models/candidate.pt -> export/model.onnx (+ optional model.fp16.onnx) and export/export.json.
+
+The exported graph is `Deployable`: uint8 NCHW images in, float32 softmax probabilities out, with
+scaling and normalisation inside, so a consumer (Triton, `visionops predict`) needs no constants.
+export.json records that input contract and the files' sha256, which verify and promote check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.atomic import atomic_write_json
+from tasks.downloads import file_digest
+from tasks.errors import VisionopsError
+from tasks.params import ExportParams
+from tasks.paths import Workspace
+
+if TYPE_CHECKING:
+    import onnx
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+BATCH_DIM = "batch"
+
+
+class ExportFailed(VisionopsError):
+    """torch.onnx could not export the candidate, or onnx.checker rejected the result."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model: Path
+    fp16_model: Path | None
+    contract: dict[str, Any]  # the content of export/export.json
+
+
+def input_contract(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a consumer must feed the model: the same fields go to config.pbtxt and the card."""
+    c, s = int(meta["in_channels"]), int(meta["image_size"])
+    return {
+        "name": INPUT_NAME,
+        "dtype": "uint8",
+        "layout": "NCHW",
+        "shape": [BATCH_DIM, c, s, s],
+        "channels": c,
+        "image_size": s,
+        "color": "grayscale" if c == 1 else "RGB",
+        "scale": "raw 0..255 pixels; scaling and normalisation are inside the graph",
+    }
+
+
+def _half(classifier: nn.Module) -> nn.Module:
+    """The classifier in float16 behind a float32 boundary, so the fp16 file keeps the same contract."""
+    from torch import nn
+
+    class HalfPrecision(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner.half()
+
+        def forward(self, x):  # noqa: ANN001, ANN202 - traced by torch.export
+            return self.inner(x.half())
+
+    return HalfPrecision(classifier)
+
+
+def _name_batch_axis(model: onnx.ModelProto) -> None:
+    """torch.export names the dynamic axis ``s0``-like; consumers read ``batch`` more easily."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        if dim.dim_param or not dim.HasField("dim_value"):
+            dim.dim_param = BATCH_DIM
+
+
+def export_onnx(module: nn.Module, example: Any, out: Path, opset: int) -> str:
+    """Export ``module`` to ``out`` atomically and check it; returns the exporter that worked."""
+    import onnx
+    import torch
+
+    for noisy in ("onnxscript", "onnx_ir"):  # per-pass INFO lines drown the stage's own log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                external_data=False,
+                verbose=False,
+            )
+            program.save(str(tmp))
+            exporter = "dynamo"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure falls back, and is logged
+            log.warning("torch.onnx dynamo export failed (%s: %s); using the TorchScript exporter", type(exc).__name__, exc)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+            )
+            exporter = "torchscript"
+        model = onnx.load(str(tmp))
+        _name_batch_axis(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportFailed(f"onnx.checker rejected the export of {out.name}: {exc}") from exc
+        onnx.save(model, str(tmp))
+        tmp.chmod(0o644)  # mkstemp creates 0600; the file is published to other readers
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return exporter
+
+
+def export(p: ExportParams, ws: Workspace) -> ExportResult:
+    """Export the candidate (and its fp16 variant when ``export.fp16``) and write export.json."""
+    import torch
+
+    from tasks.models import Deployable, load_candidate
+
+    classifier, meta = load_candidate(ws.candidate_weights)
+    norm = meta["normalization"]
+    contract_in = input_contract(meta)
+    c, s = contract_in["channels"], contract_in["image_size"]
+    # Batch 2: torch.export specialises a dimension seen as 0 or 1.
+    example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    log.info("exporting %s (%s, %d classes, %dx%dx%d) at opset %d", ws.candidate_weights, meta["arch"], meta["num_classes"], c, s, s, p.opset)
+    exporter = export_onnx(Deployable(classifier, norm["mean"], norm["std"]).eval(), example, ws.onnx_model, p.opset)
+    fp16: dict[str, Any] | None = None
+    if p.fp16:
+        half = Deployable(_half(load_candidate(ws.candidate_weights)[0]), norm["mean"], norm["std"]).eval()
+        fp16_exporter = export_onnx(half, example, ws.onnx_model_fp16, p.opset)
+        fp16 = {"path": ws.onnx_model_fp16.name, "sha256": file_digest(ws.onnx_model_fp16), "exporter": fp16_exporter}
+    else:
+        ws.onnx_model_fp16.unlink(missing_ok=True)  # a stale fp16 file must not outlive its setting
+    contract = {
+        "model": ws.onnx_model.name,
+        "sha256": file_digest(ws.onnx_model),
+        "candidate_sha256": file_digest(ws.candidate_weights),
+        "opset": p.opset,
+        "exporter": exporter,
+        "torch": torch.__version__,
+        "input": contract_in,
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": [BATCH_DIM, int(meta["num_classes"])],
+            "meaning": "softmax probabilities, index = class (classes)",
+        },
+        "classes": list(meta["classes"]),
+        "normalization": {"mean": list(norm["mean"]), "std": list(norm["std"]), "baked_in": True},
+        "arch": meta["arch"],
+        "stem": meta["stem"],
+        "fp16": fp16,
+    }
+    atomic_write_json(ws.export_report, contract)
+    log.info("wrote %s (%s exporter, sha256 %s)", ws.onnx_model, exporter, contract["sha256"][:12])
+    return ExportResult(ws.onnx_model, ws.onnx_model_fp16 if fp16 else None, contract)
+
+
+def _main() -> None:
+    from tasks import params
+
+    export(params.load().export, Workspace.here())
+
+
+if __name__ == "__main__":
+    from tasks.entry import run_stage
+
+    run_stage(_main)

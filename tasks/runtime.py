@@ -1,0 +1,176 @@
+"""onnxruntime sessions on a provider that is really active, and the versions of what ran them.
+
+onnxruntime-gpu lists CUDAExecutionProvider even where CUDA cannot load (no driver, wrong cuDNN)
+and then silently runs on the CPU. `open_session` therefore asks the session which providers it
+actually got and fails when the requested one is not among them.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from tasks.errors import RuntimeUnavailable
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+log = logging.getLogger(__name__)
+
+Provider = Literal["cuda", "cpu"]
+ProviderRequest = Literal["auto", "cuda", "cpu"]
+
+ORT_PROVIDER: dict[str, str] = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# TF32 off: parity with PyTorch fp32 is measured against full-precision matmuls and convolutions.
+CUDA_OPTIONS: dict[str, str] = {"use_tf32": "0"}
+
+
+@dataclass(frozen=True)
+class Session:
+    """An onnxruntime session and the provider that really runs it."""
+
+    session: onnxruntime.InferenceSession
+    requested: ProviderRequest
+    active: Provider
+    fallback_reason: str | None  # why `auto` ended on the CPU; None otherwise
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    @property
+    def output_name(self) -> str:
+        return self.session.get_outputs()[0].name
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) float32 for uint8 images (N, C, H, W)."""
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """`run` over any number of images, ``batch_size`` at a time."""
+        if len(images) == 0:
+            raise ValueError("no images to score")
+        parts = [self.run(np.ascontiguousarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts)
+
+
+def _session_options() -> onnxruntime.SessionOptions:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Provider load failures are logged at ERROR by onnxruntime itself; we report them ourselves.
+    options.log_severity_level = 3
+    return options
+
+
+def _cuda_session(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None, str]:
+    """A session whose active providers include CUDA, or None and the reason it could not be had."""
+    import onnxruntime as ort
+
+    if ORT_PROVIDER["cuda"] not in ort.get_available_providers():
+        return None, f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider"
+    # onnxruntime prints its own error when CUDA cannot load; we report the fallback ourselves.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model),
+            sess_options=_session_options(),
+            providers=[(ORT_PROVIDER["cuda"], CUDA_OPTIONS), ORT_PROVIDER["cpu"]],
+        )
+    finally:
+        ort.set_default_logger_severity(2)
+    active = session.get_providers()
+    if ORT_PROVIDER["cuda"] not in active:
+        return None, (
+            f"onnxruntime {ort.__version__} lists CUDAExecutionProvider but the session fell back to {active}"
+            " (no GPU, or the CUDA/cuDNN libraries onnxruntime needs are missing)"
+        )
+    return session, ""
+
+
+def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
+    """Load ``model`` on ``provider``: cuda and cpu are demands, auto is cuda when it really works."""
+    import onnxruntime as ort
+
+    if isinstance(model, Path) and not model.is_file():
+        raise RuntimeUnavailable(f"ONNX model {model} not found: run the export stage first")
+    if provider in ("cuda", "auto"):
+        session, reason = _cuda_session(model)
+        if session is not None:
+            return Session(session, provider, "cuda", None)
+        if provider == "cuda":
+            raise RuntimeUnavailable(
+                f"CUDAExecutionProvider is not active: {reason}. Run on a CUDA machine, or set"
+                " verify.provider: cpu (and promote.require_provider: cpu) to verify on the CPU"
+            )
+        log.warning("provider auto: CUDA is not usable (%s); running on the CPU", reason)
+    elif provider == "cpu":
+        reason = None
+    else:
+        raise ValueError(f"provider must be auto, cuda or cpu, got {provider!r}")
+    session = ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model),
+        sess_options=_session_options(),
+        providers=[ORT_PROVIDER["cpu"]],
+    )
+    if session.get_providers()[0] != ORT_PROVIDER["cpu"]:
+        raise RuntimeUnavailable(f"CPUExecutionProvider is not active: {session.get_providers()}")
+    return Session(session, provider, "cpu", reason)
+
+
+def versions(active: Provider) -> dict[str, Any]:
+    """torch, onnxruntime, CUDA, cuDNN, driver and GPU name; CUDA fields are None when not used."""
+    import onnxruntime as ort
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnx_opset_max": _max_opset(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": None,
+        "cudnn": None,
+        "driver": None,
+        "gpu": None,
+    }
+    if active == "cuda" and torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        cudnn = torch.backends.cudnn.version()
+        info["cudnn"] = str(cudnn) if cudnn else None
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def _max_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi, or None when it cannot be asked."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed (%s); driver version not recorded", exc)
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None

@@ -1,0 +1,174 @@
+"""validate: enforce the image-data contract (Great Expectations suites) on prepared/.
+
+Writes reports/validation.json (DVC metrics) and the Data Docs (reports/data_docs/) in every
+case; when any check fails, raises :class:`ValidationFailed` listing every failed expectation with
+counts and example paths, so the pipeline stops before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import atomic_write_json
+from tasks.data_contract import CheckResult, ContractInputs
+from tasks.drift import data_profile, drift_checks
+from tasks.errors import DataError, ValidationFailed
+from tasks.params import Params
+from tasks.paths import SPLITS, Workspace
+
+log = logging.getLogger(__name__)
+
+
+def read_manifest(ws: Workspace) -> pd.DataFrame:
+    if not ws.manifest.is_file():
+        raise DataError(f"{ws.manifest} not found: run prepare first (`dvc repro prepare`)")
+    return pd.read_parquet(ws.manifest)
+
+
+def _tensor_row(ws: Workspace, split: str, decoded: int) -> dict[str, Any]:
+    images = np.load(ws.images(split), mmap_mode="r", allow_pickle=False)
+    labels = np.load(ws.labels(split), mmap_mode="r", allow_pickle=False)
+    shape = images.shape if images.ndim == 4 else (images.shape[0] if images.ndim else 0, -1, -1, -1)
+    return {
+        "split": split,
+        "rows": int(shape[0]),
+        "channels": int(shape[1]),
+        "height": int(shape[2]),
+        "width": int(shape[3]),
+        "dtype": str(images.dtype),
+        "label_dtype": str(labels.dtype),
+        "label_rows": int(labels.shape[0]) if labels.ndim == 1 else -1,
+        "decoded": decoded,
+    }
+
+
+def contract_inputs(ws: Workspace, manifest: pd.DataFrame) -> ContractInputs:
+    """The frames the suites run on, derived from the manifest and the tensor files."""
+    train = manifest[manifest["split"] == "train"]
+    test = manifest[manifest["split"] == "test"].copy()
+    twins = train.dropna(subset=["content_hash"]).drop_duplicates("content_hash").set_index("content_hash")["path"]
+    test["train_twin"] = test["content_hash"].map(twins)  # NaN unless a train image has the same pixels
+    train_classes = sorted(train["class_name"].unique().tolist())
+    all_classes = sorted(manifest["class_name"].unique().tolist())
+    rows = []
+    for split in SPLITS:
+        counts = manifest[manifest["split"] == split]["class_name"].value_counts()
+        largest = int(counts.max()) if len(counts) else 0
+        for name in all_classes:
+            count = int(counts.get(name, 0))
+            rows.append(
+                {"class": f"{split}/{name}", "split": split, "class_name": name, "count": count,
+                 "largest_over_this": largest / max(count, 1)}
+            )
+    decoded = manifest[manifest["decoded"]].groupby("split").size()
+    tensors = pd.DataFrame([_tensor_row(ws, split, int(decoded.get(split, 0))) for split in SPLITS])
+    return ContractInputs(
+        images=manifest, test_images=test, classes=pd.DataFrame(rows), tensors=tensors, train_classes=train_classes
+    )
+
+
+def _production_profile(ws: Workspace, params: Params) -> tuple[dict[str, Any] | None, str]:
+    """Production's data_profile, or None and why drift cannot be checked."""
+    try:
+        from tasks.registry import Registry
+    except ImportError as exc:
+        return None, f"drift not checked: the model registry is unavailable ({exc})"
+    card = Registry.open(ws, params.registry).production_card()
+    if card is None:
+        return None, "drift not checked: there is no production model yet"
+    profile = card.get("data_profile")
+    if not profile:
+        return None, "drift not checked: the production model's card has no data_profile"
+    return profile, "drift checked against the production model's training data"
+
+
+def _failure(check: CheckResult) -> dict[str, Any]:
+    return {
+        "expectation": check.expectation or check.name,
+        "check": check.name,
+        "column": check.column,
+        "unexpected_count": check.unexpected_count,
+        "examples": check.examples,
+        "message": check.message,
+    }
+
+
+def failure_lines(failures: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for f in failures:
+        what = f"{f['check']} ({f['expectation']} on {f['column']})" if f["column"] else f["check"]
+        examples = f"; e.g. {', '.join(f['examples'])}" if f["examples"] else ""
+        lines.append(f"- {what}: {f['unexpected_count']} unexpected: {f['message']}{examples}")
+    return lines
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """validation.json as Markdown (for a Prefect artifact)."""
+    head = "## Data validation: " + ("passed" if summary["success"] else "FAILED")
+    table = ["| check | passed | observed |", "| --- | --- | --- |"]
+    table += [f"| {c['name']} | {'yes' if c['success'] else '**no**'} | {c['observed']} |" for c in summary["checks"]]
+    parts = [head, "", *table, "", summary["drift"]["message"]]
+    if summary["failures"]:
+        parts += ["", "### Failures", *failure_lines(summary["failures"])]
+    return "\n".join(parts) + "\n"
+
+
+def validate(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Run the contract on prepared/; the validation.json summary, or :class:`ValidationFailed`."""
+    from tasks import data_contract
+
+    started = time.perf_counter()
+    manifest = read_manifest(ws)
+    inputs = contract_inputs(ws, manifest)
+    if ws.data_docs.exists():
+        shutil.rmtree(ws.data_docs)  # Data Docs of earlier runs would list stale results
+    checks = data_contract.run(params.validate, params.data.image_size, params.data.channels, inputs, ws.data_docs)
+    profile = data_profile(manifest)
+    production, drift_message = _production_profile(ws, params)
+    if production is not None:
+        for d in drift_checks(profile, production, params.validate.drift):
+            checks.append(
+                CheckResult(d.name, d.success, {"value": d.observed, "max": d.threshold},
+                            unexpected_count=0 if d.success else 1, message=d.message)
+            )
+    log.info(drift_message)
+    failures = [_failure(c) for c in checks if not c.success]
+    summary = {
+        "success": not failures,
+        "failures": failures,
+        "checks": [{"name": c.name, "success": c.success, "observed": c.observed} for c in checks],
+        "data_profile": profile,
+        "drift": {"checked": production is not None, "message": drift_message},
+        "counts": json.loads(ws.prepare_report.read_text())["counts"] if ws.prepare_report.is_file() else {},
+        "data_docs": str((ws.data_docs / "index.html").relative_to(ws.root)),
+        "details": [asdict(c) for c in checks],
+    }
+    atomic_write_json(ws.validation, summary)
+    log.info("validated %d images with %d checks in %.1f s; Data Docs: %s", len(manifest), len(checks),
+             time.perf_counter() - started, summary["data_docs"])
+    if failures:
+        raise ValidationFailed(
+            f"data validation failed: {len(failures)} of {len(checks)} checks\n" + "\n".join(failure_lines(failures))
+            + f"\nsee {ws.validation} and {ws.data_docs / 'index.html'}"
+        )
+    return summary
+
+
+def main() -> None:
+    from tasks import params
+
+    validate(Workspace.here(), params.load())
+
+
+if __name__ == "__main__":
+    from tasks.entry import run_stage
+
+    run_stage(main)

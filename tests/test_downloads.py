@@ -1,0 +1,58 @@
+"""tasks/downloads.py: cached, checksum-verified downloads; transient failures retried then typed."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+import pytest
+
+from tasks.downloads import TransientDownloadError, fetch
+from tasks.errors import DataError, RuntimeUnavailable
+
+
+def _closed_port_url() -> str:
+    """A localhost URL nothing listens on: connection refused, like a network outage."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/archive.tar.gz"
+
+
+def test_fetch_copies_and_verifies(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    dest = fetch(src.as_uri(), tmp_path / "cache" / "a.bin", md5=hashlib.md5(b"payload").hexdigest())
+    assert dest.read_bytes() == b"payload"
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+
+def test_checksum_mismatch_is_a_data_error(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    with pytest.raises(DataError, match="checksum mismatch.*expected 0+"):
+        fetch(src.as_uri(), tmp_path / "cache" / "a.bin", md5="0" * 32)
+    assert not (tmp_path / "cache" / "a.bin").exists()
+
+
+def test_stale_cached_copy_is_replaced(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"new")
+    dest = tmp_path / "cache" / "a.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old")
+    fetch(src.as_uri(), dest, md5=hashlib.md5(b"new").hexdigest())
+    assert dest.read_bytes() == b"new"
+
+
+def test_missing_file_url_is_permanent(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot download"):
+        fetch((tmp_path / "absent.bin").as_uri(), tmp_path / "cache" / "a.bin", backoff_s=0)
+
+
+def test_network_failure_is_retried_then_transient(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(TransientDownloadError, match="after 3 attempts") as info:
+        fetch(_closed_port_url(), tmp_path / "cache" / "a.bin", attempts=3, backoff_s=0.01)
+    assert isinstance(info.value, RuntimeUnavailable)
+    assert sum("retrying" in r.message for r in caplog.records) == 2

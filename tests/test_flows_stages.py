@@ -1,0 +1,104 @@
+"""DVC stages run through `dvc repro --single-item` in a real git+DVC repo: success, skip, gate, crash."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.states import Completed, Failed
+
+from conftest import PROJECT, run
+from flows.stages import REJECTED, StageFailed, _transient, dvc_stages, failure_reason, raise_if_rejected, run_dvc_stage
+from tasks.downloads import TransientDownloadError
+from tasks.errors import DataError, GateRejected
+from tasks.paths import Workspace
+
+ENTRY_ERROR = "import logging, sys; logging.basicConfig(format='%(asctime)s %(name)s %(levelname)s %(message)s');"
+
+
+def _stage(cmd: str, out: str | None = None) -> dict:
+    return {"cmd": cmd, **({"outs": [out]} if out else {})}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Workspace:
+    """A git+DVC repo whose dvc.yaml has one stage per outcome."""
+    py = Path(sys.executable).name  # stage_env() puts this interpreter's bin/ first on PATH
+    stages = {
+        "ok": _stage(f"{py} -c \"open('out.txt', 'w').write('done')\"", "out.txt"),
+        "reject": _stage(
+            f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('GateRejected: accuracy 0.10 < 0.90'); sys.exit(3)\""
+        ),
+        "crash": _stage(
+            f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('DataError: data/train.parquet not found'); sys.exit(1)\""
+        ),
+        "traceback": _stage(f"{py} -c \"raise RuntimeError('boom in the stage')\""),
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    return Workspace(tmp_path)
+
+
+LOG = logging.getLogger("test_flows_stages")
+
+
+def test_a_stage_runs_then_is_skipped_when_up_to_date(repo: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOG.name)
+    first = run_dvc_stage(repo, "ok", LOG)
+    assert first.ran and (repo.root / "out.txt").read_text() == "done"
+    assert any("ok | Running stage 'ok'" in r.getMessage() for r in caplog.records)
+    assert "ok" in yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"]
+    second = run_dvc_stage(repo, "ok", LOG)
+    assert not second.ran
+
+
+def test_exit_3_is_a_gate_rejection_with_the_stage_reason(repo: Workspace) -> None:
+    with pytest.raises(GateRejected, match=r"^reject: accuracy 0\.10 < 0\.90$"):
+        run_dvc_stage(repo, "reject", LOG)
+
+
+def test_a_failure_names_the_stage_and_its_own_error(repo: Workspace) -> None:
+    with pytest.raises(StageFailed) as exc:
+        run_dvc_stage(repo, "crash", LOG)
+    assert str(exc.value) == "stage 'crash' failed: DataError: data/train.parquet not found"
+    assert "exited with 1" in exc.value.tail
+
+
+def test_a_crash_without_an_error_record_reports_the_traceback_line(repo: Workspace) -> None:
+    with pytest.raises(StageFailed, match=r"stage 'traceback' failed: RuntimeError: boom in the stage"):
+        run_dvc_stage(repo, "traceback", LOG)
+
+
+def test_failure_reason_keeps_a_multi_line_error_and_drops_dvc_lines() -> None:
+    lines = [
+        "> python -m tasks.validate",
+        "2026-01-01 00:00:00,000 visionops ERROR ValidationFailed: 2 expectations failed:",
+        "  - label set: unexpected class 'zebra'",
+        "  - leak: 3 test images also in train",
+        "ERROR: failed to reproduce 'validate': failed to run: python -m tasks.validate, exited with 1",
+    ]
+    assert failure_reason(lines) == (
+        "ValidationFailed: 2 expectations failed: - label set: unexpected class 'zebra' - leak: 3 test images also in train"
+    )
+
+
+def test_the_flow_runs_the_stages_of_dvc_yaml_in_its_order() -> None:
+    assert dvc_stages(Workspace(PROJECT)) == ["prepare", "validate", "train", "evaluate", "export", "verify"]
+
+
+def test_a_rejected_task_state_becomes_gate_rejected_and_other_results_pass() -> None:
+    with pytest.raises(GateRejected, match="accuracy too low"):
+        raise_if_rejected(Completed(name=REJECTED, message="accuracy too low"))
+    done = Completed()
+    assert raise_if_rejected(done) is done
+    assert raise_if_rejected(42) == 42
+
+
+def test_ingest_retries_only_transient_download_errors() -> None:
+    assert _transient(None, None, Failed(data=TransientDownloadError("connection reset")))
+    assert not _transient(None, None, Failed(data=DataError("checksum mismatch")))
+    assert not _transient(None, None, Failed(data=ValueError("bug")))

@@ -1,0 +1,227 @@
+"""Promotion on real processes: the paired gate, refusals, concurrency, kill -9, and the card.
+
+Models are hand-built ONNX pixel readers (tests/candidate_factory.py): each reads its answer from
+its own image channel, so a test sets exactly which test images each model gets right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from candidate_factory import CLASSES3, answers_for, answers_images, pixel_reader_candidate, write_split
+
+from tasks import params as params_mod
+from tasks.errors import DataError
+from tasks.paths import Workspace
+from tasks.promote import PromotionRejected, images_for_contract, promote
+from tasks.registry import Registry
+
+PROJECT = Path(__file__).resolve().parents[1]
+N = 60
+
+
+def make_ws(root: Path, registry: Path, **overrides: Any) -> Workspace:
+    raw = params_mod.apply_overrides(
+        params_mod.read_raw(PROJECT / "params.yaml"),
+        {"registry.uri": str(registry), "registry.model_name": "clf", "promote.require_provider": "cpu",
+         "registry.max_batch_size": 16, **overrides},
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return Workspace(root)
+
+
+def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
+    """Channel c's reader gets the first right[c] of N images right (nested sets: a superset is better)."""
+    labels = np.random.default_rng(0).integers(0, 3, N)
+    answers = [answers_for(labels, np.arange(N) < r, 3) for r in right]
+    write_split(ws, answers_images(answers, 3), labels, CLASSES3)
+
+
+def tree_bytes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_promote(ws: Workspace) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    return subprocess.run([sys.executable, "-m", "tasks.promote"], cwd=ws.root, env=env, text=True, capture_output=True, timeout=120)
+
+
+def popen_promote(ws: Workspace) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    return subprocess.Popen([sys.executable, "-m", "tasks.promote"], cwd=ws.root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte(tmp_path: Path) -> None:
+    registry_dir = tmp_path / "registry"
+    ws = make_ws(tmp_path / "ws", registry_dir)
+    nested_split(ws, right=(36, 54, 30))  # accuracies 0.6, 0.9, 0.5
+    p = params_mod.load(ws.params_file)
+
+    pixel_reader_candidate(ws, read_channel=0)
+    first = promote(ws, p)
+    assert first.promoted and first.first_model and first.version == 1 and first.comparison is None
+    assert "floor only" in first.to_markdown() and first.candidate_accuracy == pytest.approx(0.6)
+
+    again = promote(ws, p)  # the same model again: nothing to do, nothing written
+    assert not again.promoted and "already production version 1" in again.summary
+
+    pixel_reader_candidate(ws, read_channel=1)
+    better = promote(ws, p)
+    assert better.promoted and better.version == 2 and not better.first_model
+    assert better.production_accuracy == pytest.approx(0.6) and better.candidate_accuracy == pytest.approx(0.9)
+    assert better.comparison.improvements == 18 and better.comparison.regressions == 0
+    assert "| exact McNemar p (candidate worse) |" in better.to_markdown()
+
+    pixel_reader_candidate(ws, read_channel=2)
+    before = tree_bytes(registry_dir)
+    proc = run_promote(ws)
+    assert proc.returncode == 3, proc.stderr
+    assert "rejected against production version 2" in proc.stderr
+    assert tree_bytes(registry_dir) == before
+    decision = json.loads(ws.promotion_decision.read_text())
+    assert decision["promoted"] is False and decision["comparison"]["regressions"] == 24
+    assert decision["comparison"]["p_value"] < 1e-6
+    assert Registry.open(ws, p.registry).production().version == 2
+
+
+def test_refuses_a_candidate_not_verified_on_the_required_provider(tmp_path: Path) -> None:
+    registry_dir = tmp_path / "registry"
+    ws = make_ws(tmp_path / "ws", registry_dir, **{"promote.require_provider": "cuda"})
+    nested_split(ws, right=(40, 40, 40))
+    pixel_reader_candidate(ws, read_channel=0, provider="cpu")
+    proc = run_promote(ws)
+    assert proc.returncode == 3, proc.stderr
+    assert "promote.require_provider is cuda but the model was verified on cpu" in proc.stderr
+    assert not registry_dir.exists()
+
+
+def test_refuses_a_candidate_that_failed_the_floor(tmp_path: Path) -> None:
+    ws = make_ws(tmp_path / "ws", tmp_path / "registry")
+    nested_split(ws, right=(40, 40, 40))
+    pixel_reader_candidate(ws, read_channel=0, gate_passed=False)
+    with pytest.raises(PromotionRejected) as info:
+        promote(ws, params_mod.load(ws.params_file))
+    assert info.value.exit_code == 3
+    assert any("accuracy floor failed" in r for r in info.value.decision.reasons)
+    assert not (tmp_path / "registry").exists()
+
+
+def test_stale_evidence_is_refused(tmp_path: Path) -> None:
+    ws = make_ws(tmp_path / "ws", tmp_path / "registry")
+    nested_split(ws, right=(40, 40, 40))
+    pixel_reader_candidate(ws, read_channel=0)
+    ws.candidate_weights.write_bytes(b"retrained since the reports were written")
+    with pytest.raises(DataError, match="another candidate"):
+        promote(ws, params_mod.load(ws.params_file))
+
+
+def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_path: Path) -> None:
+    registry_dir = tmp_path / "registry"
+    # production 30/60 right; candidate B 42/60 (beats production); candidate A 60/60 (beats both).
+    right = (30, 60, 42)
+    seed = make_ws(tmp_path / "seed", registry_dir)
+    nested_split(seed, right)
+    pixel_reader_candidate(seed, read_channel=0)
+    promote(seed, params_mod.load(seed.params_file))
+    a, b = make_ws(tmp_path / "a", registry_dir), make_ws(tmp_path / "b", registry_dir)
+    for ws, channel in ((a, 1), (b, 2)):
+        nested_split(ws, right)
+        pixel_reader_candidate(ws, read_channel=channel)
+    registry = Registry.open(seed, params_mod.load(seed.params_file).registry)
+    with registry.lock():  # both start while the registry is busy, then race for it
+        procs = {"a": popen_promote(a), "b": popen_promote(b)}
+        time.sleep(4)
+        assert all(p.poll() is None for p in procs.values()), "a promotion did not wait for the lock"
+    results = {name: (p.wait(timeout=120), p.communicate()[1]) for name, p in procs.items()}
+    assert results["a"][0] == 0, results["a"][1]
+    history = [e for e in registry.history() if e["event"] == "promote"]
+    if results["b"][0] == 3:  # A won the race: B was re-checked against A and lost
+        assert "rejected against production version 2" in results["b"][1]
+        assert [e["version"] for e in history] == [1, 2]
+    else:  # B won: A was compared with B (the new production), and still won
+        assert results["b"][0] == 0, results["b"][1]
+        assert [(e["version"], e["previous"]) for e in history] == [(1, None), (2, 1), (3, 2)]
+        assert history[-1]["production_accuracy"] == pytest.approx(0.7)
+    production = registry.production()
+    assert production.card["export"]["sha256"] == json.loads(a.export_report.read_text())["sha256"]
+
+
+def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> None:
+    registry_dir = tmp_path / "registry"
+    ws = make_ws(tmp_path / "ws", registry_dir)
+    nested_split(ws, right=(30, 60, 60))
+    pixel_reader_candidate(ws, read_channel=0)
+    p = params_mod.load(ws.params_file)
+    promote(ws, p)
+    # 64 MiB of weights keep the promotion inside its staging copy long enough to be caught there.
+    pixel_reader_candidate(ws, read_channel=1, weights_bytes=64 << 20)
+    proc = popen_promote(ws)
+    model_dir = registry_dir / "clf"
+    deadline = time.monotonic() + 60
+    while not list(model_dir.glob(".staging-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    killed_while_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert killed_while_running, "the promotion finished before it could be killed"
+
+    registry = Registry.open(ws, p.registry)
+    production = registry.production()
+    assert production is not None and production.version in (1, 2)
+    assert Path(production.model_path).is_file() and production.card["version"] == production.version
+    import onnxruntime as ort
+
+    ort.InferenceSession(production.model_path, providers=["CPUExecutionProvider"])
+    # The lock died with the process; the next promotion cleans up and proceeds.
+    decision = promote(ws, p)
+    assert decision.promoted or "already production" in decision.summary
+    assert not list(model_dir.glob(".staging-*"))
+    assert registry.production().card["export"]["sha256"] == json.loads(ws.export_report.read_text())["sha256"]
+
+
+def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
+    ws = make_ws(workspace.root, tmp_path / "registry")
+    (ws.root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    nested_split(ws, right=(50, 50, 50))
+    pixel_reader_candidate(ws, read_channel=0)
+    decision = promote(ws, params_mod.load(ws.params_file))
+    version_dir = tmp_path / "registry" / "clf" / str(decision.version)
+    card = json.loads((version_dir / "card.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, text=True, capture_output=True, check=True).stdout.strip()
+    assert card["git_rev"].startswith(head)
+    assert card["data"]["md5"] == "0123456789abcdef0123456789abcdef.dir"
+    assert card["data"]["data_profile"] == {"pixel_mean": 0.1}
+    assert card["params"]["registry"]["model_name"] == "clf"
+    assert card["gate"]["first_model"] is True and card["gate"]["promoted"] is True
+    assert card["verification"]["provider_active"] == "cpu" and card["verification"]["cuda_verified"] is False
+    assert card["export"]["input"]["dtype"] == "uint8" and card["classes"] == CLASSES3
+    assert (version_dir / "weights.pt").read_bytes() == ws.candidate_weights.read_bytes()
+
+
+def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None:
+    ws = make_ws(tmp_path / "ws", tmp_path / "registry")
+    rgb = np.zeros((2, 3, 4, 4), dtype=np.uint8)
+    rgb[0, 0] = 255  # red
+    rgb[1] = 200  # light grey
+    write_split(ws, rgb, np.array([0, 1]), CLASSES3)
+    from tasks.evaluate import load_test_split
+
+    split = load_test_split(ws)
+    assert images_for_contract(split, {"channels": 3, "image_size": 4}) is split.images
+    gray = images_for_contract(split, {"channels": 1, "image_size": 8})
+    assert gray.shape == (2, 1, 8, 8)
+    assert int(gray[1].min()) == int(gray[1].max()) == 200
+    assert int(gray[0, 0, 0, 0]) == 76  # ITU-R 601 luma of pure red, as PIL converts
