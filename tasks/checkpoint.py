@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tasks.atomic import atomic_write_bytes
+from tasks.models import TORCH_LOAD_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ResumeCheckpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError) as exc:
+        except TORCH_LOAD_ERRORS as exc:
             log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", self.path, exc)
             return None
         if not isinstance(state, dict) or state.get("key") != self.key:

@@ -10,7 +10,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from tasks.errors import DataError
 
@@ -33,6 +33,9 @@ def decode(encoded: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(encoded))
             img.load()
+    except UnidentifiedImageError as exc:
+        # Pillow's own message quotes a memory address; keep the manifest reproducible.
+        raise DataError(f"undecodable image ({len(encoded)} bytes): not a recognised image format") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"undecodable image ({len(encoded)} bytes): {exc}") from exc
     return img
@@ -53,7 +56,8 @@ def convert(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
         lo, hi = float(wide.min()), float(wide.max())
         scaled = (wide - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(wide)
         img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    img = img.convert(_MODE_FOR_CHANNELS[channels])
+    if img.mode != _MODE_FOR_CHANNELS[channels]:
+        img = img.convert(_MODE_FOR_CHANNELS[channels])
     if img.size != (image_size, image_size):
         # Stretch to a square: classification keeps the whole frame rather than a centre crop.
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)

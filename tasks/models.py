@@ -6,6 +6,7 @@ ONNX export and serving all see exactly the arithmetic training used.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from tasks.errors import DataError
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
 STEMS: tuple[str, ...] = ("cifar", "imagenet")
+
+# What torch.load(weights_only=True) raises for a truncated, foreign or non-torch file.
+TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
 
 # Keys a candidate checkpoint must carry (COMMON.md data contract "train -> models/candidate.pt").
 CANDIDATE_KEYS: tuple[str, ...] = (
@@ -95,7 +99,7 @@ def load_candidate(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise DataError(f"{path} not found: run the train stage first (dvc repro train)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+    except TORCH_LOAD_ERRORS as exc:
         raise DataError(f"{path} is not a readable candidate checkpoint ({exc}); rerun the train stage") from exc
     missing = [k for k in CANDIDATE_KEYS if k not in checkpoint]
     if missing:

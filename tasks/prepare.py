@@ -24,14 +24,14 @@ import pyarrow.parquet as pq
 
 from tasks.errors import DataError
 from tasks.imaging import convert, decode
-from tasks.rawdata import read_split
+from tasks.rawdata import read_images, read_labels, row_groups
 from tasks.params import DataParams
 from tasks.paths import SPLITS, Workspace
 
 log = logging.getLogger(__name__)
 
-CHUNK = 2048  # images per decoding task
 POOL_MIN = 8192  # images in a split before a process pool pays for its start-up
+STATS_SLICE = 256  # images per float32 block when computing mean/std
 PROGRESS_EVERY = 10_000  # images between progress log lines
 MAX_REPORTED_CORRUPT = 1000  # corrupt files listed in prepare_report.json; the rest only counted
 
@@ -74,41 +74,59 @@ class PrepareResult:
     images_per_s: float
 
 
+def _pixel_stats(stacked: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-image mean and std on the 0..1 scale, a slice at a time to bound memory for large images."""
+    means: list[float] = []
+    stds: list[float] = []
+    for i in range(0, len(stacked), STATS_SLICE):
+        flat = stacked[i : i + STATS_SLICE].reshape(min(STATS_SLICE, len(stacked) - i), -1).astype(np.float32) / 255.0
+        means += flat.mean(axis=1).tolist()
+        stds += flat.std(axis=1).tolist()
+    return means, stds
+
+
 def decode_chunk(encoded: list[bytes], image_size: int, channels: int) -> DecodedChunk:
     """Decode and convert a list of encoded images; failures are recorded, never raised."""
     arrays: list[np.ndarray] = []
-    result = DecodedChunk(np.empty(0), [], [], [], [], [], [], [], [])
+    ok: list[bool] = []
+    height: list[int | None] = []
+    width: list[int | None] = []
+    bands: list[int | None] = []
+    hashes: list[str | None] = []
+    errors: list[str | None] = []
     for data in encoded:
         try:
             img = decode(data)
-            size, bands = img.size, len(img.getbands())
+            size, n_bands = img.size, len(img.getbands())
             pixels = convert(img, image_size, channels)
         except DataError as exc:
-            for column in (result.height, result.width, result.channels, result.content_hash, result.mean, result.std):
+            ok.append(False)
+            errors.append(str(exc))
+            for column in (height, width, bands, hashes):
                 column.append(None)
-            result.ok.append(False)
-            result.error.append(str(exc))
             continue
         arrays.append(pixels)
-        result.ok.append(True)
-        result.width.append(size[0])
-        result.height.append(size[1])
-        result.channels.append(bands)
-        result.content_hash.append(hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
-        result.error.append(None)
-    shape = (len(arrays), channels, image_size, image_size)
-    stacked = np.stack(arrays) if arrays else np.empty(shape, np.uint8)
-    flat = stacked.reshape(len(arrays), -1).astype(np.float32) / 255.0
-    means, stds = iter(flat.mean(axis=1).tolist()), iter(flat.std(axis=1).tolist())
-    for ok in result.ok:
-        result.mean.append(float(next(means)) if ok else None)
-        result.std.append(float(next(stds)) if ok else None)
-    return DecodedChunk(stacked, *(getattr(result, f) for f in ("ok", "height", "width", "channels", "content_hash", "mean", "std", "error")))
+        ok.append(True)
+        errors.append(None)
+        width.append(size[0])
+        height.append(size[1])
+        bands.append(n_bands)
+        hashes.append(hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest())
+    stacked = np.stack(arrays) if arrays else np.empty((0, channels, image_size, image_size), np.uint8)
+    means, stds = (iter(v) for v in _pixel_stats(stacked))
+    mean = [next(means) if good else None for good in ok]
+    std = [next(stds) if good else None for good in ok]
+    return DecodedChunk(stacked, ok, height, width, bands, hashes, mean, std, errors)
 
 
-def _decode_all(encoded: list[bytes], image_size: int, channels: int, split: str) -> list[DecodedChunk]:
-    chunks = [encoded[i : i + CHUNK] for i in range(0, len(encoded), CHUNK)]
-    workers = min(os.cpu_count() or 1, len(chunks))
+def _decode_group(path: Path, group: int, image_size: int, channels: int) -> DecodedChunk:
+    """One Parquet row group, read by the worker itself: no image bytes cross process boundaries."""
+    return decode_chunk(read_images(path, group), image_size, channels)
+
+
+def _decode_split(path: Path, image_size: int, channels: int, split: str) -> list[DecodedChunk]:
+    groups, total = row_groups(path)
+    workers = min(os.cpu_count() or 1, len(groups))
     start, done, next_log = time.perf_counter(), 0, PROGRESS_EVERY
     results: list[DecodedChunk] = []
 
@@ -116,18 +134,19 @@ def _decode_all(encoded: list[bytes], image_size: int, channels: int, split: str
         nonlocal done, next_log
         results.append(chunk)
         done += len(chunk.ok)
-        if done >= next_log or done == len(encoded):
+        if done >= next_log or done == total:
             rate = done / max(time.perf_counter() - start, 1e-9)
-            log.info("prepare %s: decoded %d/%d images (%.0f images/s)", split, done, len(encoded), rate)
+            log.info("prepare %s: decoded %d/%d images (%.0f images/s)", split, done, total, rate)
             next_log += PROGRESS_EVERY
 
-    if len(encoded) < POOL_MIN or workers < 2:
-        for chunk in chunks:
-            progress(decode_chunk(chunk, image_size, channels))
+    if total < POOL_MIN or workers < 2:
+        for group in groups:
+            progress(_decode_group(path, group, image_size, channels))
     else:
+        n = len(groups)
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for chunk_result in pool.map(decode_chunk, chunks, [image_size] * len(chunks), [channels] * len(chunks)):
-                progress(chunk_result)
+            for chunk in pool.map(_decode_group, [path] * n, groups, [image_size] * n, [channels] * n):
+                progress(chunk)
     return results
 
 
@@ -138,8 +157,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
     """data/{train,test}.parquet -> prepared/: tensors, labels, classes.json, manifest, report."""
-    tables = {split: read_split(ws.raw_split(split)) for split in SPLITS}
-    classes = sorted({name for t in tables.values() for name in t.column("class_name").to_pylist()})
+    columns = {split: read_labels(ws.raw_split(split)) for split in SPLITS}
+    classes = sorted({name for _paths, names in columns.values() for name in names})
     label_of = {name: i for i, name in enumerate(classes)}
     staging = Path(tempfile.mkdtemp(dir=ws.root, prefix=".prepared-"))
     staging.chmod(0o755)
@@ -150,10 +169,8 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
     start = time.perf_counter()
     total = 0
     try:
-        for split, table in tables.items():
-            paths = table.column("path").to_pylist()
-            names = table.column("class_name").to_pylist()
-            chunks = _decode_all(table.column("image").to_pylist(), p.image_size, p.channels, split)
+        for split, (paths, names) in columns.items():
+            chunks = _decode_split(ws.raw_split(split), p.image_size, p.channels, split)
             pixels = np.concatenate([c.pixels for c in chunks]) if chunks else np.empty((0, p.channels, p.image_size, p.image_size), np.uint8)
             ok = [v for c in chunks for v in c.ok]
             labels = np.array([label_of[n] for n, good in zip(names, ok, strict=True) if good], dtype=np.int64)

@@ -23,8 +23,8 @@ from tasks.atomic import atomic_write_json
 from tasks.downloads import file_digest
 from tasks.errors import DataError, GateRejected
 from tasks.evaluate import TestSplit, load_test_split
-from tasks.gate import PairedComparison, compare_with_production
-from tasks.params import Params
+from tasks.gate import PairedComparison, check_floor, compare_with_production
+from tasks.params import GateParams, Params
 from tasks.paths import Workspace
 from tasks.registry import MODEL_FILE, WEIGHTS_FILE, Registry, now
 from tasks.runtime import open_session
@@ -133,14 +133,21 @@ def load_evidence(ws: Workspace) -> Evidence:
     return evidence
 
 
-def precondition_failures(evidence: Evidence, require_provider: str) -> list[str]:
+def precondition_failures(evidence: Evidence, gate: GateParams, require_provider: str) -> list[str]:
     """Why the candidate may not even be compared with production (empty when it may)."""
     failures = []
     if not evidence.validation.get("success", False):
         failures.append("data validation failed (reports/validation.json)")
-    gate = evidence.metrics.get("gate", {})
-    if not gate.get("passed", False):
-        failures.append("accuracy floor failed: " + "; ".join(gate.get("failures", ["(no gate in reports/metrics.json)"])))
+    recorded = evidence.metrics.get("gate", {})
+    # The floor is applied again with today's params: they may have been raised since evaluate ran.
+    floor = check_floor(
+        float(evidence.metrics.get("accuracy", 0.0)),
+        {name: c["recall"] for name, c in evidence.metrics.get("per_class", {}).items()},
+        gate,
+    )
+    if not recorded.get("passed", False) or not floor.passed:
+        reasons = list(dict.fromkeys([*recorded.get("failures", []), *floor.failures])) or ["see reports/metrics.json"]
+        failures.append("accuracy floor failed: " + "; ".join(reasons))
     v = evidence.verification
     if not v.get("passed", False):
         failures.append(f"ONNX verification failed: {', '.join(v.get('failures', [])) or 'see reports/verification.json'}")
@@ -234,7 +241,7 @@ def promote(ws: Workspace, params: Params) -> PromotionDecision:
             "passed": v.get("passed"),
         },
     )
-    failures = precondition_failures(evidence, params.promote.require_provider)
+    failures = precondition_failures(evidence, params.gate, params.promote.require_provider)
     if failures:
         decision.summary = "candidate refused before comparison with production"
         decision.reasons = failures

@@ -38,14 +38,32 @@ def write_split(images: list[RawImage], path: Path) -> None:
     )
 
 
-def read_split(path: Path) -> pa.Table:
+def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One split's table (all columns by default); :class:`DataError` naming the file if unusable."""
     if not path.is_file():
         raise DataError(f"{path} not found: run `visionops ingest` (or `dvc pull`) first")
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: {exc}; re-run `visionops ingest`") from exc
-    missing = set(COLUMNS) - set(table.column_names)
+    missing = set(COLUMNS) - set(schema.names)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; re-run `visionops ingest`")
-    return table
+    return pq.read_table(path, columns=columns)
+
+
+def read_labels(path: Path) -> tuple[list[str], list[str]]:
+    """The (path, class_name) columns of one split, without the image bytes."""
+    table = read_split(path, columns=["path", "class_name"])
+    return table.column("path").to_pylist(), table.column("class_name").to_pylist()
+
+
+def row_groups(path: Path) -> tuple[list[int], int]:
+    """Row-group indices and the row count of one split: the units prepare decodes in parallel."""
+    meta = pq.ParquetFile(path).metadata
+    return list(range(meta.num_row_groups)), meta.num_rows
+
+
+def read_images(path: Path, group: int) -> list[bytes]:
+    """The encoded images of one row group."""
+    return pq.ParquetFile(path).read_row_group(group, columns=["image"]).column("image").to_pylist()

@@ -424,6 +424,8 @@ class Registry:
 
     def rollback(self, to: int | None = None) -> int:
         """Move production back to ``to`` (default: the newest complete version before it)."""
+        if self.production_version() is None:  # checked before locking: the lock would create the folder
+            raise RegistryError(f"{self.location} has no production version to roll back from")
         with self.lock():
             current = self.production_version()
             if current is None:

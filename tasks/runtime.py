@@ -59,49 +59,45 @@ class Session:
         return np.concatenate(parts)
 
 
-def _session_options() -> onnxruntime.SessionOptions:
+def _session(model: Path | bytes, providers: list[Any]) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # Provider load failures are logged at ERROR by onnxruntime itself; we report them ourselves.
-    options.log_severity_level = 3
-    return options
+    options.log_severity_level = 3  # errors only: a fallback is reported by `open_session` itself
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
 
 
-def _cuda_session(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None, str]:
-    """A session whose active providers include CUDA, or None and the reason it could not be had."""
+def _try_cuda(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None, str | None]:
+    """A session that asked for CUDA (it may have fallen back to the CPU), or None; and why no CUDA."""
     import onnxruntime as ort
 
     if ORT_PROVIDER["cuda"] not in ort.get_available_providers():
         return None, f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider"
-    # onnxruntime prints its own error when CUDA cannot load; we report the fallback ourselves.
+    # onnxruntime prints its own error when the CUDA libraries cannot load; the caller reports it.
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(
-            model if isinstance(model, bytes) else str(model),
-            sess_options=_session_options(),
-            providers=[(ORT_PROVIDER["cuda"], CUDA_OPTIONS), ORT_PROVIDER["cpu"]],
-        )
+        session = _session(model, [(ORT_PROVIDER["cuda"], CUDA_OPTIONS), ORT_PROVIDER["cpu"]])
     finally:
         ort.set_default_logger_severity(2)
     active = session.get_providers()
-    if ORT_PROVIDER["cuda"] not in active:
-        return None, (
-            f"onnxruntime {ort.__version__} lists CUDAExecutionProvider but the session fell back to {active}"
-            " (no GPU, or the CUDA/cuDNN libraries onnxruntime needs are missing)"
-        )
-    return session, ""
+    if ORT_PROVIDER["cuda"] in active:
+        return session, None
+    return session, (
+        f"onnxruntime {ort.__version__} lists CUDAExecutionProvider but the session fell back to {active}"
+        " (no GPU, or the CUDA/cuDNN libraries onnxruntime needs are missing)"
+    )
 
 
 def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
     """Load ``model`` on ``provider``: cuda and cpu are demands, auto is cuda when it really works."""
-    import onnxruntime as ort
-
     if isinstance(model, Path) and not model.is_file():
         raise RuntimeUnavailable(f"ONNX model {model} not found: run the export stage first")
+    if provider not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"provider must be auto, cuda or cpu, got {provider!r}")
+    session, reason = None, None
     if provider in ("cuda", "auto"):
-        session, reason = _cuda_session(model)
-        if session is not None:
+        session, reason = _try_cuda(model)
+        if reason is None:
             return Session(session, provider, "cuda", None)
         if provider == "cuda":
             raise RuntimeUnavailable(
@@ -109,17 +105,10 @@ def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
                 " verify.provider: cpu (and promote.require_provider: cpu) to verify on the CPU"
             )
         log.warning("provider auto: CUDA is not usable (%s); running on the CPU", reason)
-    elif provider == "cpu":
-        reason = None
-    else:
-        raise ValueError(f"provider must be auto, cuda or cpu, got {provider!r}")
-    session = ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model),
-        sess_options=_session_options(),
-        providers=[ORT_PROVIDER["cpu"]],
-    )
-    if session.get_providers()[0] != ORT_PROVIDER["cpu"]:
-        raise RuntimeUnavailable(f"CPUExecutionProvider is not active: {session.get_providers()}")
+    if session is None:
+        session = _session(model, [ORT_PROVIDER["cpu"]])
+    if session.get_providers() != [ORT_PROVIDER["cpu"]]:
+        raise RuntimeUnavailable(f"expected only CPUExecutionProvider to be active, got {session.get_providers()}")
     return Session(session, provider, "cpu", reason)
 
 

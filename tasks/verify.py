@@ -97,7 +97,6 @@ def latency_ms(session: Session, image: np.ndarray, runs: int) -> dict[str, floa
 
 def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any]:
     """Images per second at one large batch; on CUDA the input and output stay on the device."""
-    run = session.run
     io_binding = session.active == "cuda"
     if io_binding:
         import onnxruntime as ort
@@ -106,21 +105,26 @@ def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any
         binding.bind_ortvalue_input(session.input_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
         binding.bind_output(session.output_name, "cuda")
 
-        def run(_: np.ndarray) -> None:
+        def step() -> None:
             session.session.run_with_iobinding(binding)
 
+    else:
+
+        def step() -> None:
+            session.run(images)
+
     for _ in range(WARMUP_RUNS):
-        run(images)
+        step()
     start = time.perf_counter()
     for _ in range(runs):
-        run(images)
+        step()
     elapsed = time.perf_counter() - start
     return {"batch": len(images), "runs": runs, "images_per_s": len(images) * runs / elapsed, "io_binding": io_binding}
 
 
 def _verify_model(
     path: Path, split: TestSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
-) -> tuple[Session, dict[str, Any], list[Check], np.ndarray]:
+) -> tuple[Session, dict[str, Any], list[Check]]:
     """Parity at each batch size and whole-split accuracy for one ONNX file."""
     import torch
 
@@ -163,7 +167,7 @@ def _verify_model(
             f" top-1 agreement {agreement:.4f}",
         )
     )
-    return session, {"parity": parities, "accuracy": accuracy}, checks, ort_probs
+    return session, {"parity": parities, "accuracy": accuracy}, checks
 
 
 def verify(params: Params, ws: Workspace) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
         raise DataError(f"{ws.onnx_model} was exported from another {ws.candidate_weights}: rerun the export stage")
     split = load_test_split(ws)
     model = Deployable.from_candidate(ws.candidate_weights)
-    session, fp32, checks, _ = _verify_model(ws.onnx_model, split, model, p, max_batch, p.atol, "")
+    session, fp32, checks = _verify_model(ws.onnx_model, split, model, p, max_batch, p.atol, "")
     checks.insert(
         0,
         Check(
@@ -197,7 +201,7 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
         fp16_path = ws.exported / export_report["fp16"]["path"]
         if file_digest(fp16_path) != export_report["fp16"]["sha256"]:
             raise DataError(f"{fp16_path} does not match {ws.export_report}: rerun the export stage")
-        fp16_session, fp16, fp16_checks, _ = _verify_model(fp16_path, split, model, p, max_batch, p.fp16_atol, "fp16_")
+        fp16_session, fp16, fp16_checks = _verify_model(fp16_path, split, model, p, max_batch, p.fp16_atol, "fp16_")
         fp16["latency_ms"] = latency_ms(fp16_session, split.images[:1], p.latency_runs)
         fp16["sha256"] = export_report["fp16"]["sha256"]
         checks.extend(fp16_checks)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks.errors import DataError, RegistryError, RuntimeUnavailable
-from tasks.models import head_prefix, stem_conv_name
+from tasks.models import TORCH_LOAD_ERRORS, head_prefix, stem_conv_name
 from tasks.params import ModelParams, RegistryParams
 from tasks.paths import Workspace
 
@@ -64,7 +64,7 @@ def _file_state(path: Path, arch: str) -> dict[str, torch.Tensor]:
         raise DataError(f"model.weights: {path} not found; give a .pt state dict or candidate file, or none")
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+    except TORCH_LOAD_ERRORS as exc:
         raise DataError(f"model.weights: {path} is not a readable torch file ({exc})") from exc
     if isinstance(loaded, dict) and "state_dict" in loaded:  # a visionops candidate or production weights.pt
         if loaded.get("arch", arch) != arch:

@@ -119,6 +119,14 @@ def test_refuses_a_candidate_that_failed_the_floor(tmp_path: Path) -> None:
     assert not (tmp_path / "registry").exists()
 
 
+def test_the_floor_is_reapplied_with_current_params(tmp_path: Path) -> None:
+    ws = make_ws(tmp_path / "ws", tmp_path / "registry", **{"gate.min_accuracy": 0.95})
+    nested_split(ws, right=(40, 40, 40))
+    pixel_reader_candidate(ws, read_channel=0, accuracy=0.9)  # evaluate passed it under an older, lower floor
+    with pytest.raises(PromotionRejected, match="accuracy 0.9000 < gate.min_accuracy 0.9500"):
+        promote(ws, params_mod.load(ws.params_file))
+
+
 def test_stale_evidence_is_refused(tmp_path: Path) -> None:
     ws = make_ws(tmp_path / "ws", tmp_path / "registry")
     nested_split(ws, right=(40, 40, 40))

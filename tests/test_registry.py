@@ -43,9 +43,12 @@ def registry(tmp_path: Path) -> Registry:
     return Registry(str(tmp_path / "registry"), PARAMS, tmp_path / "cache")
 
 
-def test_empty_registry_has_no_production(registry: Registry) -> None:
+def test_empty_registry_has_no_production_and_reading_creates_nothing(registry: Registry, tmp_path: Path) -> None:
     assert registry.production() is None and registry.production_weights() is None
     assert registry.status() == {"registry": registry.location, "production": None, "history": []}
+    with pytest.raises(RegistryError, match="no production version"):
+        registry.rollback()
+    assert not (tmp_path / "registry").exists()
 
 
 def test_publish_writes_the_triton_layout(registry: Registry, tmp_path: Path) -> None:

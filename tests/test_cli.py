@@ -1,0 +1,102 @@
+"""The `visionops` command line: exit codes and messages, without running the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from prefect.states import Completed, Crashed, Failed
+
+from conftest import PROJECT, run
+from flows.cli import main, pipeline_exit_code
+from flows.stages import REJECTED, StageFailed
+from tasks.errors import VisionopsError
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    shutil.copy2(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def _main(ws: Path, *args: str) -> int:
+    return main(["--workspace", str(ws), *args])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown key train.epoch"),
+        ("trian.epochs=3", "unknown key trian"),
+        ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+        ("train.epochs=0", "train.epochs: must be at least 1"),
+        ("verify.provider=tpu", "verify.provider: expected one of"),
+        ("train.epochs", "must look like section.key=value"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "quickstart"])
+def test_a_bad_override_exits_2_naming_the_key_and_changes_nothing(
+    ws: Path, command: str, override: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (ws / "params.yaml").read_bytes()
+    assert _main(ws, command, "-S", override) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("visionops: error: ") and message in err and err.count("\n") == 1
+    assert (ws / "params.yaml").read_bytes() == before
+    assert not (ws / ".visionops").exists(), "the pipeline started before the override was checked"
+
+
+def test_an_override_given_twice_exits_2(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(ws, "run", "-S", "train.epochs=1", "-S", "train.epochs=2") == 2
+    assert "train.epochs given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["predict"], ["rollback", "--to", "two"], ["status", "--yaml"], ["run", "-S"]],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_a_workspace_without_params_yaml_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(tmp_path, "status") == 2
+    assert "params.yaml not found" in capsys.readouterr().err
+
+
+def test_status_before_any_promotion(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(ws, "status") == 0
+    assert capsys.readouterr().out.startswith("production: none")
+    assert _main(ws, "status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["production"] is None and status["history"] == []
+
+
+def test_rollback_and_predict_without_production_exit_1_with_one_line(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(ws, "rollback") == 1
+    assert "no production version to roll back from" in capsys.readouterr().err
+    assert _main(ws, "predict", str(ws / "params.yaml")) == 1
+    err = capsys.readouterr().err
+    assert "no production model" in err and err.count("\n") == 1
+
+
+def test_pipeline_states_map_to_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert pipeline_exit_code(Completed()) == 0
+    assert pipeline_exit_code(Completed(name=REJECTED, message="accuracy 0.5 < 0.9")) == 3
+    assert "candidate rejected: accuracy 0.5 < 0.9" in capsys.readouterr().err
+    with pytest.raises(StageFailed, match="stage 'train' failed"):
+        pipeline_exit_code(Failed(data=StageFailed("train", "TrainingDiverged: loss is nan", "")))
+    with pytest.raises(VisionopsError, match="pipeline run ended Crashed: worker died"):
+        pipeline_exit_code(Crashed(message="worker died"))
+
+
+def test_the_console_script_is_installed_and_reports_usage_errors(tmp_path: Path) -> None:
+    proc = run(["visionops", "--workspace", str(tmp_path), "run", "--nope"], tmp_path, check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --nope" in proc.stderr
+    proc = run(["visionops", "--help"], tmp_path)
+    for command in ("quickstart", "run", "ingest", "promote", "rollback", "status", "predict", "serve"):
+        assert command in proc.stdout

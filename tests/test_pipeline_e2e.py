@@ -1,0 +1,136 @@
+"""End to end: `visionops quickstart` in a fresh git+DVC repo on Prefect's test harness, then the
+promoted model in onnxruntime, `dvc repro` as a no-op, and a gate rejection that changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.testing.utilities import prefect_test_harness
+
+from conftest import make_workspace, run
+from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
+from flows.cli import main
+from prefect_queries import artifact_keys, task_runs
+from tasks.paths import Workspace
+
+pytestmark = pytest.mark.slow
+
+# On top of the quickstart's own overrides: a pipeline small enough for a test on 2 cores.
+TINY = [
+    "data.synthetic.classes=4",
+    "data.synthetic.train_per_class=40",
+    "data.synthetic.test_per_class=12",
+    "data.image_size=16",
+    "train.epochs=1",
+    "gate.min_accuracy=0.0",
+    "verify.latency_runs=5",
+    "registry.max_batch_size=16",
+]
+STAGES = ("prepare", "validate", "train", "evaluate", "export", "verify")
+
+
+@dataclass(frozen=True)
+class Quickstart:
+    ws: Workspace
+    exit_code: int
+    output: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def quickstart(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
+    root = tmp_path_factory.mktemp("e2e")
+    ws = make_workspace(root / "ws", root / "dvc-remote")
+    out = io.StringIO()
+    started = time.monotonic()
+    with contextlib.redirect_stdout(out):
+        code = main(["--workspace", str(ws.root), "quickstart", *(arg for kv in TINY for arg in ("-S", kv))])
+    return Quickstart(ws, code, out.getvalue(), time.monotonic() - started)
+
+
+def _status(ws: Workspace) -> dict:
+    return json.loads(run(["visionops", "--workspace", str(ws.root), "status", "--json"], ws.root).stdout)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_quickstart_promotes_and_says_where_it_trained_and_verified(quickstart: Quickstart) -> None:
+    assert quickstart.exit_code == 0, quickstart.output
+    out = quickstart.output
+    assert "quickstart: data.source=synthetic" in out
+    assert "trained on:" in out and "verified with:  onnxruntime" in out
+    assert "production:     version 1" in out and "wall time:" in out
+    verification = json.loads(quickstart.ws.verification.read_text())
+    assert ("CUDA was not verified" in out) == (not verification["cuda_verified"])
+    if not verification["cuda_verified"]:
+        assert "no CUDA device found" in out and "promote.require_provider=cpu" in out
+
+
+def test_the_production_model_gives_one_score_per_class_for_any_batch(quickstart: Quickstart) -> None:
+    production = _status(quickstart.ws)["production"]
+    assert production["version"] == 1
+    session = ort.InferenceSession(production["model_path"], providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    channels, size = model_input.shape[1], model_input.shape[2]
+    classes = production["classes"]
+    assert len(classes) == 4
+    rng = np.random.default_rng(0)
+    for batch in (1, 7, 32):
+        images = rng.integers(0, 256, size=(batch, channels, size, size), dtype=np.uint8)
+        (probabilities,) = session.run(None, {model_input.name: images})
+        assert probabilities.shape == (batch, len(classes))
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_dvc_repro_after_the_flow_has_nothing_to_do(quickstart: Quickstart) -> None:
+    lock = quickstart.ws.root / "dvc.lock"
+    before = lock.read_bytes()
+    started = time.monotonic()
+    proc = run(["dvc", "repro"], quickstart.ws.root)
+    assert "Data and pipelines are up to date." in proc.stdout, proc.stdout
+    assert lock.read_bytes() == before
+    assert time.monotonic() - started < 30
+    dag = run(["dvc", "dag"], quickstart.ws.root).stdout
+    for node in ("data.dvc", *STAGES):
+        assert f"| {node} |" in dag, dag
+
+
+def test_the_run_published_its_artifacts(quickstart: Quickstart) -> None:
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_ASC)
+        keys = artifact_keys(client, flow_run.id)
+        names = {t.name.rsplit("-", 1)[0] for t in task_runs(client, flow_run.id)}
+    assert {VALIDATION_KEY, METRICS_KEY, GATE_KEY, VERIFICATION_KEY, PRODUCTION_KEY} <= keys
+    assert names == {"ingest", *STAGES, "promote"}
+
+
+def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quickstart: Quickstart) -> None:
+    registry = quickstart.ws.root / "registry"
+    before = _tree(registry)
+    # The candidate was verified on onnxruntime's CPU provider; demanding CUDA must refuse it.
+    code = main(["--workspace", str(quickstart.ws.root), "run", "-S", "verify.provider=cpu", "-S", "promote.require_provider=cuda"])
+    assert code == 3
+    assert _tree(registry) == before
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)
+    assert latest.state.type.value == "COMPLETED" and latest.state.name == "Rejected"
+    assert "cuda" in latest.state.message.lower()

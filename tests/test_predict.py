@@ -1,0 +1,72 @@
+"""predict: image files through the production ONNX model, under its recorded input contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from candidate_factory import CLASSES3, export_contract, pixel_reader_onnx
+
+from tasks import params as params_mod
+from tasks.errors import DataError, RegistryError
+from tasks.imaging import encode_png
+from tasks.params import Params
+from tasks.paths import Workspace
+from tasks.predict import predict
+from tasks.registry import Registry
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _setup(tmp_path: Path, channels: int) -> tuple[Workspace, Params]:
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"),
+                                     {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
+    ws.params_file.write_text(yaml.safe_dump(raw))
+    p = params_mod.parse(raw)
+    src = tmp_path / "src"
+    pixel_reader_onnx(src / "model.onnx", 3, channels, 4, read_channel=0)
+    (src / "weights.pt").write_bytes(b"w")
+    card = {"classes": CLASSES3, "export": export_contract(src / "model.onnx", src / "weights.pt", CLASSES3, channels, 4)}
+    registry = Registry.open(ws, p.registry)
+    with registry.lock():
+        registry.publish({"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}, card, history={})
+    return ws, p
+
+
+def _png(path: Path, answer: int, size: int = 4) -> Path:
+    """An RGB image that tells the pixel reader (channel 0 / grey, row 0) to answer ``answer``."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[0, answer] = 255  # white: 255 in R and in grey alike
+    path.write_bytes(encode_png(pixels))
+    return path
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_labels_and_probabilities_follow_the_contract(tmp_path: Path, channels: int) -> None:
+    ws, p = _setup(tmp_path, channels)
+    files = [_png(tmp_path / f"img{k}.png", k) for k in (2, 0, 1)]
+    result = predict(ws, p, files)
+    assert [r["label"] for r in result] == ["eel", "cat", "dog"]
+    assert [r["path"] for r in result] == [str(f) for f in files]
+    expected = np.exp(12.75) / (np.exp(12.75) + 2)  # softmax of (255 * 0.05, 0, 0)
+    assert all(r["probability"] == pytest.approx(expected, rel=1e-5) for r in result)
+
+
+def test_unreadable_files_are_all_named(tmp_path: Path) -> None:
+    ws, p = _setup(tmp_path, 3)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError) as info:
+        predict(ws, p, [_png(tmp_path / "ok.png", 0), text, tmp_path / "absent.png"])
+    message = str(info.value)
+    assert "2 of 3" in message and "notes.png" in message and "absent.png" in message
+
+
+def test_without_production_says_what_to_do(tmp_path: Path) -> None:
+    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"), {"registry.uri": str(tmp_path / "r")})
+    with pytest.raises(RegistryError, match="no production model"):
+        predict(Workspace(tmp_path), params_mod.parse(raw), [_png(tmp_path / "x.png", 0)])

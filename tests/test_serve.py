@@ -1,0 +1,187 @@
+"""`visionops serve` against a real `prefect server start` on a loopback port: the deployment and
+its cron come from params.yaml, a triggered run with overrides completes and promotes, and two
+runs triggered together never work in the workspace at the same time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from conftest import make_workspace, run
+from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
+from prefect_queries import artifact_keys, log_lines, task_runs
+from tasks.params import load, write_overrides
+from tasks.paths import Workspace
+
+pytestmark = pytest.mark.slow
+
+CRON, TIMEZONE, DEPLOYMENT = "17 4 * * 1", "Europe/Berlin", "weekly-test"  # not the defaults: read from params.yaml
+OVERRIDES = {
+    "data.source": "synthetic",
+    "train.epochs": 1,
+    "data.synthetic.classes": 4,
+    "data.synthetic.train_per_class": 40,
+    "data.synthetic.test_per_class": 12,
+    "data.image_size": 16,
+    "gate.min_accuracy": 0.0,
+    "verify.provider": "cpu",
+    "verify.latency_runs": 5,
+    "registry.max_batch_size": 16,
+    "promote.require_provider": "cpu",
+}
+STARTUP_S = 180  # server migrations and first imports on a loaded 2-core machine
+RUN_S = 600  # both triggered runs, one after the other
+
+
+@dataclass(frozen=True)
+class Served:
+    ws: Workspace
+    env: dict[str, str]
+    api_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """Stop a process we started, with the children in its session (flow runs, stages)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if (result := ready()) is not None:
+            return result
+        time.sleep(1)
+    pytest.fail(f"{what} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # s; pick triggered runs up quickly
+    }
+    server_log = root / "server.log"
+    server = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    serve = None
+    try:
+        _wait_for("prefect server", lambda: _healthy(api_url), server, server_log)
+        ws = make_workspace(root / "ws", root / "dvc-remote")
+        write_overrides(ws.params_file, {"schedule.cron": CRON, "schedule.timezone": TIMEZONE, "schedule.deployment": DEPLOYMENT})
+        serve_log = root / "serve.log"
+        serve = subprocess.Popen(
+            ["visionops", "serve"], cwd=ws.root, env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            with get_client(sync_client=True) as client:
+                _wait_for("visionops serve", lambda: _deployment(client), serve, serve_log)
+            yield Served(ws, env, api_url)
+    finally:
+        if serve is not None:
+            _stop(serve)
+        _stop(server, signal.SIGTERM)
+
+
+def _healthy(api_url: str) -> bool | None:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return True if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def _deployment(client: SyncPrefectClient):
+    try:
+        return client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
+    except ObjectNotFound:  # until serve has registered it
+        return None
+
+
+def test_serve_registers_the_deployment_with_the_cron_from_params_yaml(served: Served) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == CRON and schedule.schedule.timezone == TIMEZONE and schedule.active
+    assert deployment.parameters == {"workspace": str(served.ws.root)}
+    assert "overrides" in deployment.parameter_openapi_schema["properties"]
+
+
+def _wait_final(client: SyncPrefectClient, flow_run_id: UUID, deadline: float) -> FlowRun:
+    while time.monotonic() < deadline:
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is not None and flow_run.state.is_final():
+            return flow_run
+        time.sleep(2)
+    pytest.fail(f"flow run {flow_run_id} did not finish in {RUN_S} s")
+
+
+def _span(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[float, float]:
+    """When the run worked in the workspace: from its first task run's start to its last one's end."""
+    runs = task_runs(client, flow_run_id)
+    assert runs, f"flow run {flow_run_id} ran no tasks"
+    return min(t.start_time.timestamp() for t in runs), max(t.end_time.timestamp() for t in runs)
+
+
+def test_two_triggered_runs_complete_promote_and_never_overlap(served: Served) -> None:
+    # Exactly what a user types; the second run is triggered from Python at the same moment.
+    proc = run(
+        ["prefect", "deployment", "run", f"training-pipeline/{DEPLOYMENT}", "--params", json.dumps({"overrides": OVERRIDES})],
+        served.ws.root, env=served.env,
+    )  # fmt: skip
+    first = UUID(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
+    second = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": OVERRIDES}, timeout=0).id
+    deadline = time.monotonic() + RUN_S
+    with get_client(sync_client=True) as client:
+        finished = {i: _wait_final(client, i, deadline) for i in (first, second)}
+        for flow_run in finished.values():
+            assert flow_run.state.type.value == "COMPLETED", (flow_run.state, log_lines(client, flow_run.id)[-20:])
+        spans = sorted((_span(client, i), i) for i in finished)
+        (_, earlier_end), earlier = spans[0]
+        (later_start, _), later = spans[1]
+        assert earlier_end <= later_start, f"two runs worked in the workspace at once: {spans}"
+        assert any("waiting for the workspace lock" in line for line in log_lines(client, later))
+        keys = artifact_keys(client, earlier)
+    assert {VALIDATION_KEY, METRICS_KEY, GATE_KEY, VERIFICATION_KEY, PRODUCTION_KEY} <= keys
+    status = json.loads(run(["visionops", "status", "--json"], served.ws.root).stdout)
+    assert status["production"]["version"] == 1
+    assert load(served.ws.params_file).train.epochs == 1, "the run's overrides were not written to params.yaml"

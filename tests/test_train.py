@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import params
+from tasks.checkpoint import ResumeCheckpoint
+from tasks.errors import TrainingDiverged
+from tasks.models import CANDIDATE_KEYS, build_model, load_candidate
+from tasks.params import ModelParams, TrainParams
+from tasks.paths import Workspace
+from tasks.train import HISTORY_COLUMNS, Schedule, train
+
+PROJECT = Path(__file__).resolve().parents[1]
+CLASSES = ["north", "east", "south", "west"]
+
+
+def write_prepared(ws: Workspace, n_train: int = 48, n_test: int = 16, size: int = 8, channels: int = 1) -> None:
+    """Tiny learnable data: class k is a bright band along one side of a noisy image."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % len(CLASSES)
+        images = rng.integers(0, 80, (n, channels, size, size))
+        band = size // 3
+        images[labels == 0, :, :band, :] += 150
+        images[labels == 1, :, :, -band:] += 150
+        images[labels == 2, :, -band:, :] += 150
+        images[labels == 3, :, :, :band] += 150
+        ws.prepared.mkdir(parents=True, exist_ok=True)
+        np.save(ws.images(split), images.astype(np.uint8))
+        np.save(ws.labels(split), labels.astype(np.int64))
+    ws.classes.write_text(json.dumps(CLASSES))
+
+
+def tiny(**changes: object) -> TrainParams:
+    """The defaults of params.yaml, sized for a few dozen 8x8 images on a CPU."""
+    defaults = params.load(PROJECT / "params.yaml").train
+    tiny_defaults = {"device": "cpu", "epochs": 2, "min_steps_per_epoch": 4, "augment": dataclasses.replace(defaults.augment, crop_padding=2)}
+    return dataclasses.replace(defaults, **{**tiny_defaults, **changes})
+
+
+MODEL = ModelParams(arch="resnet18", stem="cifar", weights="none")
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    workspace = Workspace(tmp_path / "ws")
+    write_prepared(workspace)
+    return workspace
+
+
+def test_train_writes_the_candidate_contract_summary_and_history(ws: Workspace) -> None:
+    result = train(tiny(epochs=4), MODEL, ws)
+
+    model, meta = load_candidate(result.candidate)
+    assert set(CANDIDATE_KEYS) - {"state_dict"} <= set(meta)
+    assert meta["classes"] == CLASSES and meta["in_channels"] == 1 and meta["image_size"] == 8
+    assert meta["device"] == "cpu" and meta["num_classes"] == 4
+    assert len(meta["normalization"]["mean"]) == 1 and meta["normalization"]["std"][0] > 0
+    assert meta["params"]["train"]["epochs"] == 4
+    assert result.test_accuracy >= 0.75, "the bands are easy; a working loop learns them in 4 epochs"
+
+    summary = json.loads(ws.train_summary.read_text())
+    assert summary["test_accuracy"] == result.test_accuracy == meta["metrics"]["test_accuracy"]
+    assert summary["batch_size"] == 12 and summary["steps_per_epoch"] == 4
+
+    with ws.train_history.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == HISTORY_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # annealed
+    assert not ResumeCheckpoint(ws.checkpoints, "").path.exists(), "a finished run removes its checkpoint"
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
+
+
+def test_same_seed_gives_identical_weights_on_cpu(tmp_path: Path) -> None:
+    states = []
+    for name in ("a", "b"):
+        workspace = Workspace(tmp_path / name)
+        write_prepared(workspace)
+        train(tiny(epochs=1, ema_decay=0.9, augment=dataclasses.replace(tiny().augment, cutout=3)), MODEL, workspace)
+        states.append(torch.load(workspace.candidate_weights, weights_only=True)["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_divergence_stops_with_a_clear_error_and_leaves_no_candidate(ws: Workspace) -> None:
+    ws.models.mkdir(parents=True)
+    ws.candidate_weights.write_bytes(b"stale candidate of an earlier run")
+    with pytest.raises(TrainingDiverged, match=r"NaN or inf .* no candidate was written"):
+        train(tiny(epochs=2, lr=1e30, warmup_epochs=0.0), MODEL, ws)
+    assert not ws.candidate_weights.exists()
+    assert not any(ws.checkpoints.glob("*")) if ws.checkpoints.exists() else True
+
+
+def test_small_datasets_get_smaller_batches_and_a_proportional_lr() -> None:
+    p = tiny(batch_size=512, min_steps_per_epoch=20, lr=0.4, epochs=10, warmup_epochs=1.0)
+    small = Schedule.for_dataset(p, 1440)
+    assert (small.batch_size, small.steps_per_epoch, small.total_steps, small.warmup_steps) == (72, 20, 200, 20)
+    assert small.peak_lr == pytest.approx(0.4 * 72 / 512)
+    large = Schedule.for_dataset(p, 50_000)
+    assert (large.batch_size, large.steps_per_epoch, large.peak_lr) == (512, 97, pytest.approx(0.4))
+
+
+def test_frozen_backbone_trains_only_the_head_from_a_weights_file(ws: Workspace) -> None:
+    torch.manual_seed(5)
+    start = build_model("resnet18", "cifar", 4, 1).state_dict()
+    torch.save(start, ws.root / "start.pt")
+    train(tiny(freeze="backbone"), dataclasses.replace(MODEL, weights="start.pt"), ws)
+    trained = torch.load(ws.candidate_weights, weights_only=True)["state_dict"]
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed == {"fc.weight", "fc.bias"}, "backbone weights and BatchNorm statistics stay as loaded"
+
+
+def test_a_checkpoint_of_other_parameters_is_not_resumed(ws: Workspace) -> None:
+    ResumeCheckpoint(ws.checkpoints, "another run").save({"epoch": 1, "model": {}, "optimizer": {}, "history": []})
+    result = train(tiny(epochs=1), MODEL, ws)
+    assert result.resumed_from_epoch == 0
+
+
+# The killed child runs the real stage code and SIGKILLs itself in the middle of epoch 3 (step 10
+# of 4 steps an epoch), after the epoch-2 checkpoint; no Python cleanup runs, as with kill -9.
+_KILLED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, {project!r})
+    torch.set_num_threads({threads})
+    import tasks.train as stage
+    from tests.test_train import MODEL, tiny
+    from tasks.paths import Workspace
+
+    real_lr_at = stage.lr_at
+    def lr_at(step, *args):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_lr_at(step, *args)
+    stage.lr_at = lr_at
+    stage.train(tiny(epochs=4), MODEL, Workspace({root!r}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_9_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    reference_ws = Workspace(tmp_path / "reference")
+    write_prepared(reference_ws)
+    reference = train(tiny(epochs=4), MODEL, reference_ws)
+
+    ws = Workspace(tmp_path / "killed")
+    write_prepared(ws)
+    child = _KILLED_CHILD.format(project=str(PROJECT), threads=torch.get_num_threads(), root=str(ws.root))
+    proc = subprocess.run([sys.executable, "-c", child], cwd=PROJECT, capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == -9, proc.stderr
+    assert not ws.candidate_weights.exists()
+    assert (ws.checkpoints / "train.pt").exists()
+
+    resumed = train(tiny(epochs=4), MODEL, ws)
+    assert resumed.resumed_from_epoch == 2
+    expected = torch.load(reference.candidate, weights_only=True)["state_dict"]
+    actual = torch.load(resumed.candidate, weights_only=True)["state_dict"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    with ws.train_history.open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
