@@ -19,9 +19,8 @@ from flows import artifacts
 from flows.overrides import check_overrides
 from flows.stages import REJECTED, StageRun, dvc_stage, dvc_stages, ingest_data, promote_candidate, raise_if_rejected
 from flows.workspace_lock import workspace_lock
-from tasks.params import write_overrides
 from tasks.errors import GateRejected
-from tasks.params import Params
+from tasks.params import Params, write_overrides
 from tasks.paths import Workspace
 
 FLOW_NAME = "training-pipeline"

@@ -2,7 +2,7 @@
 
 A split is held once as a uint8 tensor on the device (CIFAR-10's 50,000 images are 150 MB).
 Each batch is a single random permutation slice; crop (with reflect padding) and flip are one
-index computation and two gathers for the whole batch, cutout one mask; no per-sample Python.
+index computation and one gather for the whole batch, cutout one mask; no per-sample Python.
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ def augment(images: torch.Tensor, a: AugmentParams, generator: torch.Generator) 
         flipped = torch.rand(batch, 1, generator=generator, device=device) < 0.5
         cols = torch.where(flipped, cols.flip(1), cols)
     if pad > 0 or a.flip:
-        images = images.gather(2, rows[:, None, :, None].expand(batch, channels, height, width))
-        images = images.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
+        # One gather over flattened pixels of an NHWC view: a channels_last batch needs no copy,
+        # and the result is channels_last, the layout the convolutions want.
+        pixels = images.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        source = (rows[:, :, None] * width + cols[:, None, :]).reshape(batch, height * width, 1)
+        pixels = pixels.gather(1, source.expand(batch, height * width, channels))
+        images = pixels.view(batch, height, width, channels).permute(0, 3, 1, 2)
     if a.cutout > 0:
         # The square's centre is uniform over the image, so it may be partly outside (as in DeVries & Taylor).
         centre = torch.stack(
@@ -89,7 +93,7 @@ def augment(images: torch.Tensor, a: AugmentParams, generator: torch.Generator) 
 class DeviceSplit:
     """One split as uint8 images and int64 labels on the training device, served in batches."""
 
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W), channels_last in memory
     labels: torch.Tensor  # int64 (N,)
     mean: torch.Tensor  # float32 (1, C, 1, 1), 0..1 scale
     std: torch.Tensor
@@ -105,7 +109,7 @@ class DeviceSplit:
     ) -> DeviceSplit:
         stats = [torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in (mean, std)]
         return cls(
-            images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            images=torch.from_numpy(images).to(device).contiguous(memory_format=torch.channels_last),
             labels=torch.from_numpy(labels.astype(np.int64)).to(device),
             mean=stats[0],
             std=stats[1],

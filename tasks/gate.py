@@ -54,7 +54,11 @@ def mcnemar_p_worse(regressions: int, improvements: int) -> float:
     n = regressions + improvements
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(regressions, n + 1))
+    term = math.comb(n, regressions)
+    tail = term
+    for k in range(regressions, n):  # C(n, k+1) = C(n, k) (n-k) / (k+1), exactly, in integers
+        term = term * (n - k) // (k + 1)
+        tail += term
     return tail / 2**n  # exact big-integer division, correctly rounded
 
 

@@ -55,7 +55,7 @@ def convert(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
         wide = np.asarray(img, dtype=np.float64)
         lo, hi = float(wide.min()), float(wide.max())
         scaled = (wide - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(wide)
-        img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        img = Image.fromarray(scaled.round().astype(np.uint8))
     if img.mode != _MODE_FOR_CHANNELS[channels]:
         img = img.convert(_MODE_FOR_CHANNELS[channels])
     if img.size != (image_size, image_size):

@@ -117,7 +117,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     Training (tasks/augment.py) and `Deployable` both call this, so train and serve see the same
     numbers.
     """
-    return (images.to(torch.float32) / 255.0 - mean) / std
+    return (images.to(torch.float32) - 255.0 * mean) * (1.0 / (255.0 * std))
 
 
 class Deployable(nn.Module):

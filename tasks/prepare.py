@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 
 from tasks.errors import DataError
 from tasks.imaging import convert, decode
-from tasks.rawdata import read_images, read_labels, row_groups
 from tasks.params import DataParams
 from tasks.paths import SPLITS, Workspace
+from tasks.rawdata import read_images, read_labels, row_groups
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
     try:
         for split, (paths, names) in columns.items():
             chunks = _decode_split(ws.raw_split(split), p.image_size, p.channels, split)
-            pixels = np.concatenate([c.pixels for c in chunks]) if chunks else np.empty((0, p.channels, p.image_size, p.image_size), np.uint8)
+            empty = np.empty((0, p.channels, p.image_size, p.image_size), np.uint8)
+            pixels = np.concatenate([c.pixels for c in chunks]) if chunks else empty
             ok = [v for c in chunks for v in c.ok]
             labels = np.array([label_of[n] for n, good in zip(names, ok, strict=True) if good], dtype=np.int64)
             _save_npy(staging / ws.images(split).name, pixels)
@@ -187,7 +188,11 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
             for column in ("content_hash", "height", "width", "channels", "mean", "std", "error"):
                 manifest[column] += [v for c in chunks for v in getattr(c, column)]
             errors = [v for c in chunks for v in c.error]
-            bad = [{"split": split, "path": path, "error": err} for path, err in zip(paths, errors, strict=True) if err is not None]
+            bad = [
+                {"split": split, "path": path, "error": err}
+                for path, err in zip(paths, errors, strict=True)
+                if err is not None
+            ]
             corrupt += bad
             counts[split] = {"images": len(paths), "decoded": int(sum(ok)), "corrupt": len(bad)}
             total += len(paths)

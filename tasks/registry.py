@@ -403,7 +403,9 @@ class Registry:
     def _activate(self, version: int, card: Mapping[str, Any]) -> None:
         """Point production at ``version``: labels first, then the pointer (config.pbtxt)."""
         self.store.write_atomic(self._p(LABELS), ("\n".join(card["classes"]) + "\n").encode())
-        text = config_pbtxt(self.model_name, self.params.max_batch_size, version, card["export"])
+        # The batch limit this version was verified at, not whatever params.yaml says today.
+        max_batch = card.get("params", {}).get("registry", {}).get("max_batch_size", self.params.max_batch_size)
+        text = config_pbtxt(self.model_name, int(max_batch), version, card["export"])
         self.store.write_atomic(self._p(CONFIG), text.encode())
 
     def publish(self, files: Mapping[str, Path], card: dict[str, Any], history: Mapping[str, Any]) -> int:

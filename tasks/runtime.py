@@ -59,6 +59,9 @@ class Session:
         return np.concatenate(parts)
 
 
+_cuda_failure: list[str] = []  # why CUDA could not be had, once tried in this process
+
+
 def _session(model: Path | bytes, providers: list[Any]) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
@@ -73,6 +76,8 @@ def _try_cuda(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None,
 
     if ORT_PROVIDER["cuda"] not in ort.get_available_providers():
         return None, f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider"
+    if _cuda_failure:  # it failed for an earlier model in this process; it will fail again
+        return None, _cuda_failure[0]
     # onnxruntime prints its own error when the CUDA libraries cannot load; the caller reports it.
     ort.set_default_logger_severity(4)
     try:
@@ -82,10 +87,11 @@ def _try_cuda(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None,
     active = session.get_providers()
     if ORT_PROVIDER["cuda"] in active:
         return session, None
-    return session, (
+    _cuda_failure.append(
         f"onnxruntime {ort.__version__} lists CUDAExecutionProvider but the session fell back to {active}"
         " (no GPU, or the CUDA/cuDNN libraries onnxruntime needs are missing)"
     )
+    return session, _cuda_failure[0]
 
 
 def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
@@ -104,7 +110,8 @@ def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
                 f"CUDAExecutionProvider is not active: {reason}. Run on a CUDA machine, or set"
                 " verify.provider: cpu (and promote.require_provider: cpu) to verify on the CPU"
             )
-        log.warning("provider auto: CUDA is not usable (%s); running on the CPU", reason)
+        if session is not None:  # said once per process, at the first fallback
+            log.warning("provider auto: CUDA is not usable (%s); running on the CPU", reason)
     if session is None:
         session = _session(model, [ORT_PROVIDER["cpu"]])
     if session.get_providers() != [ORT_PROVIDER["cpu"]]:

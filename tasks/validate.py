@@ -84,7 +84,8 @@ def _production_profile(ws: Workspace, params: Params) -> tuple[dict[str, Any] |
     card = Registry.open(ws, params.registry).production_card()
     if card is None:
         return None, "drift not checked: there is no production model yet"
-    profile = card.get("data_profile")
+    # tasks.promote files it under card["data"]; a top-level data_profile is read too.
+    profile = card.get("data_profile") or (card.get("data") or {}).get("data_profile")
     if not profile:
         return None, "drift not checked: the production model's card has no data_profile"
     return profile, "drift checked against the production model's training data"
@@ -110,22 +111,13 @@ def failure_lines(failures: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """validation.json as Markdown (for a Prefect artifact)."""
-    head = "## Data validation: " + ("passed" if summary["success"] else "FAILED")
-    table = ["| check | passed | observed |", "| --- | --- | --- |"]
-    table += [f"| {c['name']} | {'yes' if c['success'] else '**no**'} | {c['observed']} |" for c in summary["checks"]]
-    parts = [head, "", *table, "", summary["drift"]["message"]]
-    if summary["failures"]:
-        parts += ["", "### Failures", *failure_lines(summary["failures"])]
-    return "\n".join(parts) + "\n"
-
-
 def validate(ws: Workspace, params: Params) -> dict[str, Any]:
     """Run the contract on prepared/; the validation.json summary, or :class:`ValidationFailed`."""
+    started = time.perf_counter()
     from tasks import data_contract
 
-    started = time.perf_counter()
+    data_contract.import_gx()
+    imported = time.perf_counter()
     manifest = read_manifest(ws)
     inputs = contract_inputs(ws, manifest)
     if ws.data_docs.exists():
@@ -152,8 +144,8 @@ def validate(ws: Workspace, params: Params) -> dict[str, Any]:
         "details": [asdict(c) for c in checks],
     }
     atomic_write_json(ws.validation, summary)
-    log.info("validated %d images with %d checks in %.1f s; Data Docs: %s", len(manifest), len(checks),
-             time.perf_counter() - started, summary["data_docs"])
+    log.info("validated %d images with %d checks in %.1f s (+ %.1f s importing Great Expectations); Data Docs: %s",
+             len(manifest), len(checks), time.perf_counter() - imported, imported - started, summary["data_docs"])
     if failures:
         raise ValidationFailed(
             f"data validation failed: {len(failures)} of {len(checks)} checks\n" + "\n".join(failure_lines(failures))

@@ -10,15 +10,40 @@ Two kinds of model:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from tasks import params as params_mod
 from tasks.downloads import file_digest
+from tasks.params import Params
 from tasks.paths import Workspace
 
+PROJECT = Path(__file__).resolve().parents[1]
+
 CLASSES3 = ["cat", "dog", "eel"]
+
+
+def write_params(ws: Workspace, overrides: dict[str, Any]) -> Params:
+    """The project's params.yaml with ``overrides`` (DVC -S meaning), written into ``ws``."""
+    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"), overrides)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    ws.params_file.write_text(yaml.safe_dump(raw))
+    return params_mod.parse(raw)
+
+
+def stage_command(module: str) -> dict[str, Any]:
+    """``python -m <module>`` in a workspace, importing this checkout's tasks/ (a real process)."""
+    return {"args": [sys.executable, "-m", module], "env": {**os.environ, "PYTHONPATH": str(PROJECT)}, "text": True}
+
+
+def run_stage(ws: Workspace, module: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(**stage_command(module), cwd=ws.root, capture_output=True, timeout=timeout)
 
 
 def write_split(ws: Workspace, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:

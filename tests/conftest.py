@@ -73,6 +73,18 @@ def write_class_folders(
             bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
             pixels = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
             path = root / name / f"{i:03d}.png"
-            Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode).save(path)
+            Image.fromarray(pixels[..., 0] if bands == 1 else pixels).save(path)
             written.append(path)
     return written
+
+
+@pytest.fixture
+def single_thread_torch():
+    """One intra-op thread for tests on tiny tensors: with two threads on a busy 2-core machine,
+    OpenMP's spinning barriers make each small op 10-20x slower; one thread loses nothing here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,35 @@ def test_network_failure_is_retried_then_transient(tmp_path: Path, caplog: pytes
         fetch(_closed_port_url(), tmp_path / "cache" / "a.bin", attempts=3, backoff_s=0.01)
     assert isinstance(info.value, RuntimeUnavailable)
     assert sum("retrying" in r.message for r in caplog.records) == 2
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first ``failures`` requests, then the payload."""
+
+    failures = 2
+    requests = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        type(self).requests += 1
+        if type(self).requests <= self.failures:
+            self.send_error(503, "busy")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "7")
+        self.end_headers()
+        self.wfile.write(b"payload")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_503_is_retried_until_it_succeeds(tmp_path: Path) -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+        dest = fetch(url, tmp_path / "a.zip", md5=hashlib.md5(b"payload").hexdigest(), attempts=3, backoff_s=0.01)
+    finally:
+        server.shutdown()
+    assert dest.read_bytes() == b"payload" and _FlakyHandler.requests == 3

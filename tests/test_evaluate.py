@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from candidate_factory import tiny_candidate
+from candidate_factory import run_stage, tiny_candidate, write_params
 
-from tasks import params as params_mod
 from tasks.downloads import file_digest
 from tasks.evaluate import classification_metrics, confusion_csv, evaluate
 from tasks.params import GateParams
 from tasks.paths import Workspace
 
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
@@ -61,11 +55,8 @@ def test_evaluate_writes_reports_that_agree(tmp_path: Path) -> None:
 def test_failed_floor_writes_reports_then_exits_3(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     tiny_candidate(ws, n_test=12)
-    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"),
-                                     {"gate.min_accuracy": 1.0, "gate.min_class_recall": 1.0})
-    ws.params_file.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "tasks.evaluate"], cwd=tmp_path, text=True, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT)}, timeout=120)
+    write_params(ws, {"gate.min_accuracy": 1.0, "gate.min_class_recall": 1.0})
+    proc = run_stage(ws, "tasks.evaluate")
     assert proc.returncode == 3, proc.stderr
     assert "GateRejected" in proc.stderr and "gate.min_accuracy 1.0000" in proc.stderr
     metrics = json.loads(ws.metrics.read_text())

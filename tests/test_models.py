@@ -9,6 +9,8 @@ from torch import nn
 from tasks.errors import DataError
 from tasks.models import ARCHS, Deployable, build_model, head, load_candidate
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("in_channels", [1, 3])

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from candidate_factory import CLASSES3, export_contract, pixel_reader_onnx
+from candidate_factory import CLASSES3, export_contract, pixel_reader_onnx, write_params
 
-from tasks import params as params_mod
 from tasks.errors import DataError, RegistryError
 from tasks.imaging import encode_png
 from tasks.params import Params
@@ -17,16 +15,9 @@ from tasks.paths import Workspace
 from tasks.predict import predict
 from tasks.registry import Registry
 
-PROJECT = Path(__file__).resolve().parents[1]
-
-
 def _setup(tmp_path: Path, channels: int) -> tuple[Workspace, Params]:
     ws = Workspace(tmp_path / "ws")
-    ws.root.mkdir()
-    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"),
-                                     {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
-    ws.params_file.write_text(yaml.safe_dump(raw))
-    p = params_mod.parse(raw)
+    p = write_params(ws, {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
     src = tmp_path / "src"
     pixel_reader_onnx(src / "model.onnx", 3, channels, 4, read_channel=0)
     (src / "weights.pt").write_bytes(b"w")
@@ -67,6 +58,6 @@ def test_unreadable_files_are_all_named(tmp_path: Path) -> None:
 
 
 def test_without_production_says_what_to_do(tmp_path: Path) -> None:
-    raw = params_mod.apply_overrides(params_mod.read_raw(PROJECT / "params.yaml"), {"registry.uri": str(tmp_path / "r")})
+    p = write_params(Workspace(tmp_path), {"registry.uri": str(tmp_path / "r")})
     with pytest.raises(RegistryError, match="no production model"):
-        predict(Workspace(tmp_path), params_mod.parse(raw), [_png(tmp_path / "x.png", 0)])
+        predict(Workspace(tmp_path), p, [_png(tmp_path / "x.png", 0)])

@@ -11,15 +11,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-from candidate_factory import CLASSES3, answers_for, answers_images, pixel_reader_candidate, write_split
+from candidate_factory import (
+    CLASSES3,
+    answers_for,
+    answers_images,
+    pixel_reader_candidate,
+    run_stage,
+    stage_command,
+    write_params,
+    write_split,
+)
 
 from tasks import params as params_mod
 from tasks.errors import DataError
@@ -27,19 +34,14 @@ from tasks.paths import Workspace
 from tasks.promote import PromotionRejected, images_for_contract, promote
 from tasks.registry import Registry
 
-PROJECT = Path(__file__).resolve().parents[1]
 N = 60
 
 
 def make_ws(root: Path, registry: Path, **overrides: Any) -> Workspace:
-    raw = params_mod.apply_overrides(
-        params_mod.read_raw(PROJECT / "params.yaml"),
-        {"registry.uri": str(registry), "registry.model_name": "clf", "promote.require_provider": "cpu",
-         "registry.max_batch_size": 16, **overrides},
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    return Workspace(root)
+    ws = Workspace(root)
+    write_params(ws, {"registry.uri": str(registry), "registry.model_name": "clf", "promote.require_provider": "cpu",
+                      "registry.max_batch_size": 16, **overrides})
+    return ws
 
 
 def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
@@ -53,15 +55,8 @@ def tree_bytes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run_promote(ws: Workspace) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    return subprocess.run([sys.executable, "-m", "tasks.promote"], cwd=ws.root, env=env, text=True, capture_output=True, timeout=120)
-
-
 def popen_promote(ws: Workspace) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    return subprocess.Popen([sys.executable, "-m", "tasks.promote"], cwd=ws.root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(**stage_command("tasks.promote"), cwd=ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte(tmp_path: Path) -> None:
@@ -87,7 +82,7 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
 
     pixel_reader_candidate(ws, read_channel=2)
     before = tree_bytes(registry_dir)
-    proc = run_promote(ws)
+    proc = run_stage(ws, "tasks.promote")
     assert proc.returncode == 3, proc.stderr
     assert "rejected against production version 2" in proc.stderr
     assert tree_bytes(registry_dir) == before
@@ -102,7 +97,7 @@ def test_refuses_a_candidate_not_verified_on_the_required_provider(tmp_path: Pat
     ws = make_ws(tmp_path / "ws", registry_dir, **{"promote.require_provider": "cuda"})
     nested_split(ws, right=(40, 40, 40))
     pixel_reader_candidate(ws, read_channel=0, provider="cpu")
-    proc = run_promote(ws)
+    proc = run_stage(ws, "tasks.promote")
     assert proc.returncode == 3, proc.stderr
     assert "promote.require_provider is cuda but the model was verified on cpu" in proc.stderr
     assert not registry_dir.exists()

@@ -16,21 +16,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from conftest import make_workspace, run
+from conftest import PROJECT, make_workspace, run
+from flows.serve import check_schedule
 from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
-from prefect_queries import artifact_keys, log_lines, task_runs
-from tasks.params import load, write_overrides
+from prefect_queries import artifact_keys, log_lines, scheduled_runs, task_runs
+from tasks.params import ConfigError, load, write_overrides
 from tasks.paths import Workspace
-
-pytestmark = pytest.mark.slow
 
 CRON, TIMEZONE, DEPLOYMENT = "17 4 * * 1", "Europe/Berlin", "weekly-test"  # not the defaults: read from params.yaml
 OVERRIDES = {
@@ -48,6 +50,7 @@ OVERRIDES = {
 }
 STARTUP_S = 180  # server migrations and first imports on a loaded 2-core machine
 RUN_S = 600  # both triggered runs, one after the other
+SCHEDULER_S = 60  # the server's scheduler loop runs every 5 s here (PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # s; pick triggered runs up quickly
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
     }
     server_log = root / "server.log"
     server = subprocess.Popen(
@@ -137,6 +141,7 @@ def _deployment(client: SyncPrefectClient):
         return None
 
 
+@pytest.mark.slow
 def test_serve_registers_the_deployment_with_the_cron_from_params_yaml(served: Served) -> None:
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
@@ -144,6 +149,20 @@ def test_serve_registers_the_deployment_with_the_cron_from_params_yaml(served: S
     assert schedule.schedule.cron == CRON and schedule.schedule.timezone == TIMEZONE and schedule.active
     assert deployment.parameters == {"workspace": str(served.ws.root)}
     assert "overrides" in deployment.parameter_openapi_schema["properties"]
+
+
+@pytest.mark.slow
+def test_the_server_schedules_runs_from_that_cron(served: Served) -> None:
+    deadline = time.monotonic() + SCHEDULER_S
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
+        while not (scheduled := scheduled_runs(client, deployment.id)) and time.monotonic() < deadline:
+            time.sleep(2)
+    assert scheduled, f"the server's scheduler created no run from {CRON!r} in {SCHEDULER_S} s (see server.log)"
+    berlin = ZoneInfo(TIMEZONE)
+    for flow_run in scheduled:
+        start = flow_run.expected_start_time.astimezone(berlin)
+        assert (start.weekday(), start.hour, start.minute) == (0, 4, 17), start
 
 
 def _wait_final(client: SyncPrefectClient, flow_run_id: UUID, deadline: float) -> FlowRun:
@@ -162,6 +181,7 @@ def _span(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[float, float]:
     return min(t.start_time.timestamp() for t in runs), max(t.end_time.timestamp() for t in runs)
 
 
+@pytest.mark.slow
 def test_two_triggered_runs_complete_promote_and_never_overlap(served: Served) -> None:
     # Exactly what a user types; the second run is triggered from Python at the same moment.
     proc = run(
@@ -185,3 +205,22 @@ def test_two_triggered_runs_complete_promote_and_never_overlap(served: Served) -
     status = json.loads(run(["visionops", "status", "--json"], served.ws.root).stdout)
     assert status["production"]["version"] == 1
     assert load(served.ws.params_file).train.epochs == 1, "the run's overrides were not written to params.yaml"
+
+
+def test_a_bad_cron_or_timezone_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^schedule\.cron: '61 3 \* \* \*' is not a valid"):
+        check_schedule("61 3 * * *", "UTC")
+    with pytest.raises(ConfigError, match=r"^schedule\.timezone: 'Mars/Olympus' is not a valid"):
+        check_schedule("0 3 * * *", "Mars/Olympus")
+    check_schedule(CRON, TIMEZONE)
+
+
+def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> None:
+    config = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
+    schedule = load(PROJECT / "params.yaml").schedule
+    (deployment,) = config["deployments"]
+    assert deployment["name"] == schedule.deployment
+    (cron,) = deployment["schedules"]
+    assert (cron["cron"], cron["timezone"]) == (schedule.cron, schedule.timezone)
+    assert load_flow_from_entrypoint(str(PROJECT / deployment["entrypoint"])).name == "training-pipeline"
+    assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1

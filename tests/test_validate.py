@@ -97,7 +97,7 @@ def test_drift_against_the_production_card(tmp_path: Path) -> None:
     (model / "config.pbtxt").write_text("version_policy: { specific: { versions: [1] } }\n")
     production = {"label_distribution": {"cat": 0.9, "dog": 0.1}, "pixel_mean": 0.1, "pixel_std": 0.29,
                   "n_train": 6, "n_test": 2, "content_hash": "x"}
-    (model / "1" / "card.json").write_text(json.dumps({"data_profile": production}))
+    (model / "1" / "card.json").write_text(json.dumps({"data": {"data_profile": production}}))  # as promote writes it
     with pytest.raises(ValidationFailed, match="drift_label_distribution") as info:
         validate(ws, p)
     assert "drift_pixel_mean" in str(info.value) and "drift_pixel_std" not in str(info.value)
@@ -118,8 +118,7 @@ def test_stage_entry_exits_non_zero_naming_the_leak(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     _ingest_folder(tmp_path / "src", ws, _params())
     shutil.copy(PROJECT / "params.yaml", ws.params_file)
-    run(["python", "-c", "from tasks import params; params.write_overrides(__import__('pathlib').Path("
-         "'params.yaml'), {'validate.min_per_class': 1, 'data.image_size': 16})"], ws.root)
+    params_module.write_overrides(ws.params_file, {"validate.min_per_class": 1, "data.image_size": 16})
     proc = run(["python", "-m", "tasks.validate"], ws.root, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "ValidationFailed" in proc.stderr and "leak" in proc.stderr and "train/a/dup.png" in proc.stderr

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from candidate_factory import tiny_candidate
+from candidate_factory import run_stage, tiny_candidate, write_params
 
-from tasks import params as params_mod
 from tasks.errors import DataError
 from tasks.export import export
 from tasks.params import ExportParams, Params
 from tasks.paths import Workspace
 from tasks.verify import VerificationFailed, batch_of, verify
 
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def _params(ws: Workspace, **overrides: object) -> Params:
-    raw = params_mod.apply_overrides(
-        params_mod.read_raw(PROJECT / "params.yaml"),
-        {"verify.provider": "cpu", "verify.odd_batch": 5, "verify.latency_runs": 5, "verify.throughput_runs": 2,
-         "registry.max_batch_size": 16, **overrides},
-    )
-    ws.params_file.write_text(yaml.safe_dump(raw))
-    return params_mod.parse(raw)
+    return write_params(ws, {"verify.provider": "cpu", "verify.odd_batch": 5, "verify.latency_runs": 5,
+                             "verify.throughput_runs": 2, "registry.max_batch_size": 16, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +72,7 @@ def test_verifying_a_stale_export_is_refused(exported: Workspace, tmp_path: Path
 
 def test_requesting_cuda_fails_clearly_where_cuda_is_not_active(exported: Workspace) -> None:
     _params(exported, **{"verify.provider": "cuda"})
-    proc = subprocess.run([sys.executable, "-m", "tasks.verify"], cwd=exported.root, text=True, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT)}, timeout=180)
+    proc = run_stage(exported, "tasks.verify")
     if torch.cuda.is_available():
         assert proc.returncode == 0, proc.stderr
         assert json.loads(exported.verification.read_text())["cuda_verified"] is True

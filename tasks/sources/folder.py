@@ -108,7 +108,10 @@ def _local(source: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     if "://" not in source:
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(f"data source {source} not found: give a class-folder directory, a .tar/.zip archive, a URL, 'synthetic' or 'cifar10'")
+            raise DataError(
+                f"data source {source} not found: give a class-folder directory, a .tar/.zip archive,"
+                " a URL, 'synthetic' or 'cifar10'"
+            )
         return path, {}
     name = PurePosixPath(source.split("?", 1)[0]).name or "archive"
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -183,11 +186,7 @@ def stratified_split(
         ordered = sorted(paths)
         class_seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
         order = np.random.default_rng([seed, class_seed]).permutation(len(ordered))
-        n_test = round(len(ordered) * test_fraction)
-        if len(ordered) >= 2:
-            n_test = min(max(n_test, 1), len(ordered) - 1)
-        else:
-            n_test = 0
+        n_test = min(max(round(len(ordered) * test_fraction), 1), len(ordered) - 1) if len(ordered) >= 2 else 0
         test_idx = set(order[:n_test].tolist())
         result["test"][name] = [p for i, p in enumerate(ordered) if i in test_idx]
         result["train"][name] = [p for i, p in enumerate(ordered) if i not in test_idx]
@@ -223,7 +222,9 @@ def load(source: str, test_fraction: float, seed: int, cache_dir: Path) -> RawDa
         details["split"] = f"stratified: test_fraction={test_fraction}, seed={seed}"
         splits = stratified_split(_classify(tree, root, source, ignored), test_fraction, seed)
     if ignored:
-        log.warning("%s: ignored %d files that are not class images (e.g. %s)", source, len(ignored), ", ".join(sorted(ignored)[:3]))
+        log.warning(
+            "%s: ignored %d files that are not class images (e.g. %s)", source, len(ignored), ", ".join(sorted(ignored)[:3])
+        )
     details["ignored_count"] = len(ignored)
     details["ignored"] = sorted(ignored)[:MAX_REPORTED_IGNORED]
     return RawDataset(

@@ -1,0 +1,93 @@
+"""Our input pipeline against a torchvision DataLoader with PIL transforms, on the same images.
+
+Both produce the same thing per epoch: shuffled batches of normalised float32 images after a
+random 32x32 crop of the 4-px padded image and a random horizontal flip. Ours works on a uint8
+tensor of the whole split (tasks/augment.py); the baseline does RandomCrop(32, padding=4),
+RandomHorizontalFlip, ToTensor and Normalize on one PIL image at a time, as the torchvision
+CIFAR-10 tutorials do. The last line printed is ``speedup: <x>x``.
+
+    python benchmarks/input_pipeline.py [--images 10000] [--batch 512] [--workers 0] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from tasks.augment import DeviceSplit, channel_stats
+from tasks.params import AugmentParams
+
+SIZE = 32  # px, CIFAR-10
+
+
+class PilImages(Dataset):
+    """HWC uint8 images served as PIL images, as torchvision.datasets.CIFAR10 does."""
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, transform: transforms.Compose) -> None:
+        self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def images_per_second(batches, n_images: int, device: torch.device) -> float:
+    """Drain one epoch of batches (touching every batch on ``device``); images per wall second."""
+    start = time.perf_counter()
+    checksum = torch.zeros((), device=device)
+    for images, _labels in batches:
+        checksum += images[:, 0, 0, 0].sum().to(device)  # consume the batch, so nothing is skipped lazily
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n_images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for the baseline")
+    parser.add_argument("--device", default="cpu", help="where our pipeline holds and augments the data")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 3, SIZE, SIZE), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.images).astype(np.int64)
+    mean, std = channel_stats(torch.from_numpy(images))
+    usable = args.images // args.batch * args.batch  # both sides drop the last partial batch
+
+    ours = DeviceSplit.from_arrays(images, labels, mean, std, device)
+    augment = AugmentParams(crop_padding=4, flip=True, cutout=0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    next(ours.train_batches(args.batch, augment, generator))  # warm-up
+    ours_rate = images_per_second(ours.train_batches(args.batch, augment, generator), usable, device)
+
+    baseline_transform = transforms.Compose(
+        [
+            transforms.RandomCrop(SIZE, padding=4, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    dataset = PilImages(np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels, baseline_transform)
+    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers)
+    baseline_rate = images_per_second(loader, usable, device)
+
+    print(f"images: {args.images} of 3x{SIZE}x{SIZE}, batch {args.batch}, torch threads {torch.get_num_threads()}")
+    print(f"torchvision DataLoader + PIL transforms ({args.workers} workers): {baseline_rate:,.0f} images/s")
+    print(f"visionops on-device uint8 pipeline ({device}): {ours_rate:,.0f} images/s")
+    print(f"speedup: {ours_rate / baseline_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
