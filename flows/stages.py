@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows import artifacts
+from flows.workspace_lock import held_lock_fd
 from tasks.errors import GateRejected, VisionopsError
 from tasks.params import Params
 from tasks.paths import Workspace
@@ -102,19 +104,32 @@ def run_dvc_stage(ws: Workspace, stage: str, log: Any) -> StageRun:
     log.info("$ dvc repro --single-item %s", stage)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     ran = True
+    lock_fd = held_lock_fd(ws)
     started = time.monotonic()
     with subprocess.Popen(
-        cmd, cwd=ws.root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        cmd,
+        cwd=ws.root,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        pass_fds=() if lock_fd is None else (lock_fd,),  # the stage holds the workspace lock too
+        start_new_session=True,  # its own process group: stopped as one when the run is stopped
     ) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if "didn't change, skipping" in line:
-                ran = False
-            log.log(logging.DEBUG if line.strip().startswith(_DVC_HINTS) else logging.INFO, "%s | %s", stage, line)
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                if not line:
+                    continue
+                tail.append(line)
+                if "didn't change, skipping" in line:
+                    ran = False
+                log.log(logging.DEBUG if line.strip().startswith(_DVC_HINTS) else logging.INFO, "%s | %s", stage, line)
+        except BaseException:  # cancelled or interrupted: stop dvc and the stage with it
+            os.killpg(proc.pid, signal.SIGTERM)
+            raise
     seconds = time.monotonic() - started
     if proc.returncode == 0:
         return StageRun(stage, seconds, ran)

@@ -1,7 +1,9 @@
 """At most one pipeline run works in a workspace at a time: an exclusive file lock under .visionops/.
 
-The lock is an ``flock`` on ``.visionops/pipeline.lock``: the kernel drops it when the holder's
-process ends, so a killed run never leaves a stale lock behind. The holder writes who it is into
+The lock is an ``flock`` on ``.visionops/pipeline.lock``: the kernel drops it when the last
+process holding its file descriptor ends, so a killed run never leaves a stale lock behind. Stage
+processes inherit that descriptor (:func:`held_lock_fd`): if a run is killed mid-stage, the
+workspace stays locked until the orphaned stage has finished. The holder writes who it is into
 the file, so a run that has to wait can say what it is waiting for.
 """
 
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tasks.errors import VisionopsError
 from tasks.paths import Workspace
@@ -22,8 +25,16 @@ POLL_S = 1.0  # how often a waiting run retries the lock
 WAIT_REPORT_S = 60.0  # a waiting run repeats its log line this often
 
 
+_held: dict[Path, int] = {}  # workspace root -> descriptor of the lock this process holds
+
+
 class WorkspaceBusy(VisionopsError):
     """Another pipeline run held the workspace for longer than this run was allowed to wait."""
+
+
+def held_lock_fd(ws: Workspace) -> int | None:
+    """The descriptor of ``ws``'s lock if this process holds it: pass it to child processes."""
+    return _held.get(ws.root)
 
 
 def _holder(fd: int) -> str:
@@ -72,10 +83,13 @@ def workspace_lock(
         info = {"holder": holder, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _held[ws.root] = fd
         try:
             yield
         finally:
+            del _held[ws.root]
             os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            # No LOCK_UN: a stage process still running (its run was killed) shares the lock and
+            # keeps it until it exits; closing our descriptor is all that releases our share.
     finally:
         os.close(fd)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import yaml
 from prefect.states import Completed, Failed
 
 from conftest import PROJECT, run
+from flows.workspace_lock import WorkspaceBusy, workspace_lock
 from flows.stages import REJECTED, StageFailed, _transient, dvc_stages, failure_reason, raise_if_rejected, run_dvc_stage
 from tasks.downloads import TransientDownloadError
 from tasks.errors import DataError, GateRejected
@@ -36,6 +39,9 @@ def repo(tmp_path: Path) -> Workspace:
             f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('DataError: data/train.parquet not found'); sys.exit(1)\""
         ),
         "traceback": _stage(f"{py} -c \"raise RuntimeError('boom in the stage')\""),
+        "slow": _stage(
+            f"{py} -c \"import time; open('started', 'w'); time.sleep(4); open('slow.txt', 'w').write('done')\"", "slow.txt"
+        ),
     }
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     run(["git", "init", "-q"], tmp_path)
@@ -102,3 +108,32 @@ def test_ingest_retries_only_transient_download_errors() -> None:
     assert _transient(None, None, Failed(data=TransientDownloadError("connection reset")))
     assert not _transient(None, None, Failed(data=DataError("checksum mismatch")))
     assert not _transient(None, None, Failed(data=ValueError("bug")))
+
+
+RUNNER = """
+import logging, sys
+from pathlib import Path
+from flows.stages import run_dvc_stage
+from flows.workspace_lock import workspace_lock
+from tasks.paths import Workspace
+ws = Workspace(Path(sys.argv[1]))
+with workspace_lock(ws, "runner", 0, print):
+    run_dvc_stage(ws, "slow", logging.getLogger("runner"))
+"""
+
+
+def test_a_killed_run_keeps_the_workspace_locked_until_its_stage_has_finished(repo: Workspace) -> None:
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(repo.root)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (repo.root / "started").exists():
+            assert runner.poll() is None and time.monotonic() < deadline, "the slow stage never started"
+            time.sleep(0.1)
+    finally:
+        runner.kill()
+        runner.wait()
+    with pytest.raises(WorkspaceBusy):
+        with workspace_lock(repo, "too-early", 0, print):
+            pass
+    with workspace_lock(repo, "after-the-stage", 60, lambda line: None):
+        assert (repo.root / "slow.txt").read_text() == "done", "the lock was free while the orphaned stage still ran"
