@@ -25,9 +25,9 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from tasks import params as params_mod  # noqa: E402 - after the path set-up above
-from tasks.errors import RuntimeUnavailable  # noqa: E402
-from tasks.paths import Workspace  # noqa: E402
+from tasks import params as params_mod
+from tasks.errors import RuntimeUnavailable
+from tasks.paths import Workspace
 
 BATCHES = (1, 256)
 
@@ -42,10 +42,19 @@ def untrained_candidate(ws: Workspace, n_test: int = 512) -> None:
     classes = [f"class{i}" for i in range(10)]
     ws.models.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"state_dict": build_model("resnet18", "cifar", 10, 3).state_dict(), "arch": "resnet18", "stem": "cifar",
-         "num_classes": 10, "in_channels": 3, "image_size": 32, "classes": classes,
-         "normalization": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}, "params": {}, "device": "cuda",
-         "metrics": {}},
+        {
+            "state_dict": build_model("resnet18", "cifar", 10, 3).state_dict(),
+            "arch": "resnet18",
+            "stem": "cifar",
+            "num_classes": 10,
+            "in_channels": 3,
+            "image_size": 32,
+            "classes": classes,
+            "normalization": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]},
+            "params": {},
+            "device": "cuda",
+            "metrics": {},
+        },
         ws.candidate_weights,
     )
     rng = np.random.default_rng(0)
@@ -102,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         untrained_candidate(ws)
         base = params_mod.read_raw(PROJECT / "params.yaml")
-    p = params_mod.parse(params_mod.apply_overrides(
-        base, {"verify.provider": "cuda", "registry.max_batch_size": max(BATCHES), "export.fp16": True}))
+    p = params_mod.parse(
+        params_mod.apply_overrides(
+            base, {"verify.provider": "cuda", "registry.max_batch_size": max(BATCHES), "export.fp16": True}
+        )
+    )
     try:
         export(p.export, ws)
         try:
@@ -124,19 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         speed[batch] = {"onnxruntime_images_per_s": ort, "torch_eager_images_per_s": eager, "ratio": ort / eager}
 
     v = report["versions"]
-    print(f"device: {v['gpu']} (driver {v['driver']}, CUDA {v['cuda']}, cuDNN {v['cudnn']});"
-          f" torch {v['torch']}, onnxruntime {v['onnxruntime']}; provider active: {report['provider_active']}")
+    print(
+        f"device: {v['gpu']} (driver {v['driver']}, CUDA {v['cuda']}, cuDNN {v['cudnn']});"
+        f" torch {v['torch']}, onnxruntime {v['onnxruntime']}; provider active: {report['provider_active']}"
+    )
     for entry in report["parity"]:
-        print(f"parity fp32 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
-              f" top-1 agreement {entry['top1_agreement']:.4f}")
+        print(
+            f"parity fp32 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
+            f" top-1 agreement {entry['top1_agreement']:.4f}"
+        )
     if report["fp16"]:
         for entry in report["fp16"]["parity"]:
-            print(f"parity fp16 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
-                  f" top-1 agreement {entry['top1_agreement']:.4f}")
+            print(
+                f"parity fp16 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
+                f" top-1 agreement {entry['top1_agreement']:.4f}"
+            )
     print(f"latency batch 1: p50 {report['latency_ms']['p50']:.3f} ms, p95 {report['latency_ms']['p95']:.3f} ms")
     for batch, s in speed.items():
-        print(f"throughput batch {batch:>3}: onnxruntime {s['onnxruntime_images_per_s']:,.0f} images/s,"
-              f" PyTorch eager {s['torch_eager_images_per_s']:,.0f} images/s, ratio {s['ratio']:.2f}x")
+        print(
+            f"throughput batch {batch:>3}: onnxruntime {s['onnxruntime_images_per_s']:,.0f} images/s,"
+            f" PyTorch eager {s['torch_eager_images_per_s']:,.0f} images/s, ratio {s['ratio']:.2f}x"
+        )
     out = PROJECT / "benchmarks" / "out" / "gpu_verify.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"verification": report, "throughput": speed}, indent=2) + "\n")

@@ -6,7 +6,7 @@ tensor of the whole split (tasks/augment.py); the baseline does RandomCrop(32, p
 RandomHorizontalFlip, ToTensor and Normalize on one PIL image at a time, as the torchvision
 CIFAR-10 tutorials do. The last line printed is ``speedup: <x>x``.
 
-    python benchmarks/input_pipeline.py [--images 10000] [--batch 512] [--workers 0] [--device cpu]
+    python benchmarks/input_pipeline.py [--images 10000] [--batch 512] [--workers 0] [--device cpu] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for the baseline")
     parser.add_argument("--device", default="cpu", help="where our pipeline holds and augments the data")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs of each, alternating; the best counts")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -69,7 +70,6 @@ def main() -> None:
     augment = AugmentParams(crop_padding=4, flip=True, cutout=0)
     generator = torch.Generator(device=device).manual_seed(0)
     next(ours.train_batches(args.batch, augment, generator))  # warm-up
-    ours_rate = images_per_second(ours.train_batches(args.batch, augment, generator), usable, device)
 
     baseline_transform = transforms.Compose(
         [
@@ -81,9 +81,16 @@ def main() -> None:
     )
     dataset = PilImages(np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels, baseline_transform)
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers)
-    baseline_rate = images_per_second(loader, usable, device)
+    # Alternate and keep each side's best epoch: on a shared machine, other load only slows an epoch down.
+    ours_rate = baseline_rate = 0.0
+    for _ in range(args.repeats):
+        ours_rate = max(ours_rate, images_per_second(ours.train_batches(args.batch, augment, generator), usable, device))
+        baseline_rate = max(baseline_rate, images_per_second(loader, usable, device))
 
-    print(f"images: {args.images} of 3x{SIZE}x{SIZE}, batch {args.batch}, torch threads {torch.get_num_threads()}")
+    print(
+        f"images: {args.images} of 3x{SIZE}x{SIZE}, batch {args.batch}, torch threads {torch.get_num_threads()},"
+        f" best of {args.repeats} epochs each"
+    )
     print(f"torchvision DataLoader + PIL transforms ({args.workers} workers): {baseline_rate:,.0f} images/s")
     print(f"visionops on-device uint8 pipeline ({device}): {ours_rate:,.0f} images/s")
     print(f"speedup: {ours_rate / baseline_rate:.1f}x")

@@ -94,7 +94,7 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray, classes: l
     return {
         "accuracy": float(np.trace(confusion) / len(labels)),
         "macro_f1": float(np.mean(present)) if present else 0.0,
-        "n_test": int(len(labels)),
+        "n_test": len(labels),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
     }
@@ -147,7 +147,8 @@ def evaluate(gate: GateParams, ws: Workspace) -> Evaluation:
     log.info("accuracy %.4f, macro F1 %.4f -> %s", metrics["accuracy"], metrics["macro_f1"], ws.metrics)
     if not floor.passed:
         raise GateRejected(
-            "candidate fails the accuracy floor: " + "; ".join(floor.failures)
+            "candidate fails the accuracy floor: "
+            + "; ".join(floor.failures)
             + f" (reports in {ws.metrics}); train a better model or lower the floor in params.yaml"
         )
     return Evaluation(report, floor)

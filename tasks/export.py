@@ -66,7 +66,7 @@ def _half(classifier: nn.Module) -> nn.Module:
             super().__init__()
             self.inner = inner.half()
 
-        def forward(self, x):  # noqa: ANN001, ANN202 - traced by torch.export
+        def forward(self, x):
             return self.inner(x.half())
 
     return HalfPrecision(classifier)
@@ -107,7 +107,9 @@ def export_onnx(module: nn.Module, example: Any, out: Path, opset: int) -> str:
             program.save(str(tmp))
             exporter = "dynamo"
         except Exception as exc:  # noqa: BLE001 - any exporter failure falls back, and is logged
-            log.warning("torch.onnx dynamo export failed (%s: %s); using the TorchScript exporter", type(exc).__name__, exc)
+            log.warning(
+                "torch.onnx dynamo export failed (%s: %s); using the TorchScript exporter", type(exc).__name__, exc
+            )
             torch.onnx.export(
                 module,
                 (example,),
@@ -145,7 +147,16 @@ def export(p: ExportParams, ws: Workspace) -> ExportResult:
     c, s = contract_in["channels"], contract_in["image_size"]
     # Batch 2: torch.export specialises a dimension seen as 0 or 1.
     example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    log.info("exporting %s (%s, %d classes, %dx%dx%d) at opset %d", ws.candidate_weights, meta["arch"], meta["num_classes"], c, s, s, p.opset)
+    log.info(
+        "exporting %s (%s, %d classes, %dx%dx%d) at opset %d",
+        ws.candidate_weights,
+        meta["arch"],
+        meta["num_classes"],
+        c,
+        s,
+        s,
+        p.opset,
+    )
     exporter = export_onnx(Deployable(classifier, norm["mean"], norm["std"]).eval(), example, ws.onnx_model, p.opset)
     fp16: dict[str, Any] | None = None
     if p.fp16:

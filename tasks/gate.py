@@ -38,7 +38,9 @@ def check_floor(accuracy: float, recall_by_class: Mapping[str, float], gate: Gat
     if gate.min_class_recall > 0:
         for name, recall in recall_by_class.items():
             if recall < gate.min_class_recall:
-                failures.append(f"recall of class {name!r} {recall:.4f} < gate.min_class_recall {gate.min_class_recall:.4f}")
+                failures.append(
+                    f"recall of class {name!r} {recall:.4f} < gate.min_class_recall {gate.min_class_recall:.4f}"
+                )
     return FloorCheck(not failures, accuracy, gate.min_accuracy, gate.min_class_recall, tuple(failures))
 
 

@@ -45,7 +45,9 @@ def predict(ws: Workspace, params: Params, images: list[Path]) -> list[dict[str,
     registry = Registry.open(ws, params.registry)
     production = registry.production()
     if production is None:
-        raise RegistryError(f"{registry.location} has no production model: run `visionops quickstart` or `visionops promote`")
+        raise RegistryError(
+            f"{registry.location} has no production model: run `visionops quickstart` or `visionops promote`"
+        )
     contract = production.card["export"]["input"]
     classes = production.card["classes"]
     batch = load_images(images, int(contract["image_size"]), int(contract["channels"]))

@@ -56,7 +56,10 @@ class PromotionDecision:
         verdict = f"promoted as version {self.version}" if self.promoted else "NOT promoted"
         lines = [f"## Promotion decision: {verdict}", "", self.summary, ""]
         if self.first_model:
-            lines += ["First model in the registry: it faced the absolute floor only (no production to compare with).", ""]
+            lines += [
+                "First model in the registry: it faced the absolute floor only (no production to compare with).",
+                "",
+            ]
         lines += ["| check | value |", "| --- | --- |"]
         if self.floor:
             lines.append(f"| test accuracy (PyTorch, evaluate) | {self.floor.get('accuracy', float('nan')):.4f} |")
@@ -108,29 +111,39 @@ def _read_json(path: Path, stage: str) -> dict[str, Any]:
 
 
 def load_evidence(ws: Workspace) -> Evidence:
-    """Every report promotion relies on, checked to describe the files in models/ and export/."""
-    evidence = Evidence(
-        metrics=_read_json(ws.metrics, "evaluate"),
-        export=_read_json(ws.export_report, "export"),
-        verification=_read_json(ws.verification, "verify"),
-        validation=_read_json(ws.validation, "validate"),
-    )
-    for path in (ws.candidate_weights, ws.onnx_model):
-        if not path.is_file():
-            raise DataError(f"{path} not found: run the pipeline first (visionops run or dvc repro)")
-    candidate_sha, onnx_sha = file_digest(ws.candidate_weights), file_digest(ws.onnx_model)
+    """Every report promotion relies on, checked to describe the files in models/ and export/.
+
+    A candidate the floor refused needs no export or verification: those reports may be missing
+    or older, and the refusal is the answer.
+    """
+    if not ws.candidate_weights.is_file():
+        raise DataError(f"{ws.candidate_weights} not found: run the pipeline first (visionops run or dvc repro)")
+    metrics = _read_json(ws.metrics, "evaluate")
+    validation = _read_json(ws.validation, "validate")
+    candidate_sha = file_digest(ws.candidate_weights)
+    if metrics.get("candidate_sha256") != candidate_sha:
+        raise DataError(f"{ws.metrics} was written for another candidate than {ws.candidate_weights}: rerun dvc repro")
+    if not metrics.get("gate", {}).get("passed", False):
+        return Evidence(metrics, {}, {}, validation)
+    export = _read_json(ws.export_report, "export")
+    verification = _read_json(ws.verification, "verify")
+    if not ws.onnx_model.is_file():
+        raise DataError(f"{ws.onnx_model} not found: run the pipeline through export (dvc repro)")
+    onnx_sha = file_digest(ws.onnx_model)
     stale = [
         str(report)
         for report, ok in (
-            (ws.metrics, evidence.metrics.get("candidate_sha256") == candidate_sha),
-            (ws.export_report, evidence.export.get("candidate_sha256") == candidate_sha and evidence.export.get("sha256") == onnx_sha),
-            (ws.verification, evidence.verification.get("onnx_sha256") == onnx_sha),
+            (ws.export_report, export.get("candidate_sha256") == candidate_sha and export.get("sha256") == onnx_sha),
+            (ws.verification, verification.get("onnx_sha256") == onnx_sha),
         )
         if not ok
     ]
     if stale:
-        raise DataError(f"{', '.join(stale)} describe(s) another candidate than {ws.candidate_weights}: rerun the pipeline (dvc repro)")
-    return evidence
+        raise DataError(
+            f"{' and '.join(stale)} were written for another candidate than {ws.candidate_weights}:"
+            " rerun the pipeline (dvc repro)"
+        )
+    return Evidence(metrics, export, verification, validation)
 
 
 def precondition_failures(evidence: Evidence, gate: GateParams, require_provider: str) -> list[str]:
@@ -148,9 +161,13 @@ def precondition_failures(evidence: Evidence, gate: GateParams, require_provider
     if not recorded.get("passed", False) or not floor.passed:
         reasons = list(dict.fromkeys([*recorded.get("failures", []), *floor.failures])) or ["see reports/metrics.json"]
         failures.append("accuracy floor failed: " + "; ".join(reasons))
+    if not evidence.verification:  # refused on the floor: no verification was needed or run
+        return failures
     v = evidence.verification
     if not v.get("passed", False):
-        failures.append(f"ONNX verification failed: {', '.join(v.get('failures', [])) or 'see reports/verification.json'}")
+        failures.append(
+            f"ONNX verification failed: {', '.join(v.get('failures', [])) or 'see reports/verification.json'}"
+        )
     active = v.get("provider_active")
     if require_provider != "any" and active != require_provider:
         failures.append(
@@ -185,9 +202,15 @@ def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: 
 def git_rev(root: Path) -> str | None:
     """HEAD of the workspace, with ``-dirty`` when tracked files differ from it; None outside git."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -262,8 +285,11 @@ def promote(ws: Workspace, params: Params) -> PromotionDecision:
         production = registry.production()
         if production is None:
             decision.first_model = True
-            decision.reasons = [f"first model: faced the floor only (accuracy {evidence.metrics['accuracy']:.4f}"
-                                f" >= gate.min_accuracy {params.gate.min_accuracy:.4f})"]
+            floor_only = (
+                f"first model: faced the floor only (accuracy {evidence.metrics['accuracy']:.4f}"
+                f" >= gate.min_accuracy {params.gate.min_accuracy:.4f})"
+            )
+            decision.reasons = [floor_only]
         elif production.card["export"]["sha256"] == evidence.export["sha256"]:
             decision.production_version = production.version
             decision.summary = f"candidate is already production version {production.version}; nothing to do"
@@ -274,7 +300,9 @@ def promote(ws: Workspace, params: Params) -> PromotionDecision:
             decision.production_version = production.version
             prod_contract = production.card["export"]
             prod_probs = _onnx_probabilities(
-                registry.local_file(production.version, MODEL_FILE), images_for_contract(split, prod_contract["input"]), batch
+                registry.local_file(production.version, MODEL_FILE),
+                images_for_contract(split, prod_contract["input"]),
+                batch,
             )
             production_correct = correct_by_name(prod_probs, prod_contract["classes"], split)
             decision.production_accuracy = float(production_correct.mean())
@@ -286,7 +314,8 @@ def promote(ws: Workspace, params: Params) -> PromotionDecision:
                 raise PromotionRejected(decision)
         decision.promoted = True
         decision.summary = (
-            "first model promoted (floor only)" if decision.first_model
+            "first model promoted (floor only)"
+            if decision.first_model
             else f"candidate promoted over production version {production.version}"
         )
         card = build_card(ws, params, evidence, decision)

@@ -160,6 +160,13 @@ class _Store:
         return dest
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return f"uid{os.getuid()}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -198,8 +205,10 @@ class Registry:
         text = self.store.read_bytes(config).decode()
         match = _POLICY.search(text)
         if match is None:
-            raise RegistryError(f"{self.store.url(config)} has no version_policy {{ specific {{ versions: [N] }} }}: "
-                                "it was edited by hand; restore it with `visionops rollback --to N`")
+            raise RegistryError(
+                f"{self.store.url(config)} has no version_policy {{ specific {{ versions: [N] }} }}: "
+                "it was edited by hand; restore it with `visionops rollback --to N`"
+            )
         return int(match.group(1))
 
     def card(self, version: int) -> dict[str, Any]:
@@ -274,7 +283,9 @@ class Registry:
             production = {
                 "version": info.version,
                 "model_path": info.model_path,
-                "metrics": {k: card["metrics"][k] for k in ("accuracy", "macro_f1", "n_test") if k in card.get("metrics", {})},
+                "metrics": {
+                    k: card["metrics"][k] for k in ("accuracy", "macro_f1", "n_test") if k in card.get("metrics", {})
+                },
                 "promoted_at": card.get("promoted_at"),
                 "classes": card.get("classes"),
                 "input": card.get("export", {}).get("input"),
@@ -363,15 +374,20 @@ class Registry:
         entries = [e for e in self.history() if e.get("event") in ("promote", "rollback", "recover")]
         if version is not None and (not entries or entries[-1].get("version") != version):
             # The pointer moved but the process died before its history line: say so, don't hide it.
-            self._append_history({"event": "recover", "version": version,
-                                  "note": "an interrupted operation had switched production; history entry restored"})
+            self._append_history(
+                {
+                    "event": "recover",
+                    "version": version,
+                    "note": "an interrupted operation had switched production; history entry restored",
+                }
+            )
 
     def _require_lock(self) -> None:
         if not self._locked:
             raise AssertionError("registry writes must run inside `with registry.lock():`")
 
     def _append_history(self, entry: dict[str, Any]) -> None:
-        entry = {"at": now(), "by": f"{getpass.getuser()}@{socket.gethostname()}", **entry}
+        entry = {"at": now(), "by": f"{_user()}@{socket.gethostname()}", **entry}
         self.store.append_line(self._p(HISTORY), json.dumps(entry, sort_keys=False))
 
     def _next_version(self) -> int:
@@ -416,8 +432,12 @@ class Registry:
             raise AssertionError(f"publish needs {MODEL_FILE} (+ {WEIGHTS_FILE}), got {sorted(files)}")
         previous = self.production_version()
         version = self._next_version()
-        card = {**card, "version": version, "model_name": self.model_name,
-                "files": {name: file_digest(path) for name, path in files.items()}}
+        card = {
+            **card,
+            "version": version,
+            "model_name": self.model_name,
+            "files": {name: file_digest(path) for name, path in files.items()},
+        }
         self._write_version(version, files, card)
         self._activate(version, card)
         self._append_history({"event": "promote", "version": version, "previous": previous, **history})

@@ -67,7 +67,9 @@ def _session(model: Path | bytes, providers: list[Any]) -> onnxruntime.Inference
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: a fallback is reported by `open_session` itself
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers
+    )
 
 
 def _try_cuda(model: Path | bytes) -> tuple[onnxruntime.InferenceSession | None, str | None]:

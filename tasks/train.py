@@ -110,13 +110,16 @@ class PreparedData:
             (self.test_images, self.test_labels, files[2]),
         ):
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-                raise DataError(f"{image_file}: expected uint8 (N, C, H, W) with C 1 or 3, got {images.dtype} {images.shape}")
+                raise DataError(
+                    f"{image_file}: expected uint8 (N, C, H, W) with C 1 or 3, got {images.dtype} {images.shape}"
+                )
             if labels.shape != (images.shape[0],):
                 raise DataError(f"{image_file}: {images.shape[0]} images but {labels.shape} labels")
             if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
                 raise DataError(f"{image_file}: labels outside 0..{len(self.classes) - 1} (classes.json)")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DataError(f"train images are {self.train_images.shape[1:]} but test images {self.test_images.shape[1:]}")
+            shapes = f"{self.train_images.shape[1:]} vs {self.test_images.shape[1:]}"
+            raise DataError(f"train and test images differ in shape ({shapes}): rerun the prepare stage")
         if len(self.test_labels) == 0:
             raise DataError(f"{files[2]} holds no images: there is nothing to measure accuracy on")
 
@@ -156,12 +159,12 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _diverged(epoch: int, step: int, lr: float, p: TrainParams, ws: Workspace, checkpoint: ResumeCheckpoint) -> TrainingDiverged:
+def _diverged(epoch: int, lr: float, p: TrainParams, ws: Workspace, checkpoint: ResumeCheckpoint) -> TrainingDiverged:
     # Nothing from a diverged run may be promoted or resumed: no candidate, no checkpoint.
     ws.candidate_weights.unlink(missing_ok=True)
     checkpoint.remove()
     return TrainingDiverged(
-        f"the training loss became NaN or inf in epoch {epoch} (by step {step}, lr {lr:.4g});"
+        f"the training loss became NaN or inf in epoch {epoch} (lr {lr:.4g});"
         f" no candidate was written. Lower train.lr (now {p.lr} per 512 images), raise"
         " train.warmup_epochs, or check the data for broken images"
     )
@@ -173,12 +176,47 @@ def _torch_save_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buffer.getvalue())
+
+
+def _train_epoch(
+    step_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: WeightEMA | None,
+    criterion: nn.Module,
+    split: DeviceSplit,
+    schedule: Schedule,
+    p: TrainParams,
+    epoch: int,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One epoch of steps; (mean train loss, last lr). The loss is NaN/inf as soon as it diverged."""
+    _set_train_mode(model, p.freeze)
+    device = split.images.device
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    step = (epoch - 1) * schedule.steps_per_epoch
+    lr = schedule.peak_lr
+    for i, (images, labels) in enumerate(split.train_batches(schedule.batch_size, p.augment, generator)):
+        lr = lr_at(step + i, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, p.schedule)
+        set_lr(optimizer, lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = step_model(images)
+        loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.detach()
+        if (i + 1) % CHECK_FINITE_EVERY == 0 and not torch.isfinite(loss_sum):
+            return math.nan, lr
+    return float(loss_sum.item()) / schedule.steps_per_epoch, lr
 
 
 def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParams | None = None) -> TrainResult:
@@ -198,7 +236,9 @@ def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParam
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, p, schedule.peak_lr)
     ema = WeightEMA(model, p.ema_decay) if p.ema_decay > 0 else None
-    eval_model = build_model(m.arch, m.stem, len(data.classes), channels).to(device, memory_format=torch.channels_last) if ema else model
+    eval_model = model
+    if ema is not None:  # the average is evaluated in a second model, so training continues from the raw weights
+        eval_model = build_model(m.arch, m.stem, len(data.classes), channels).to(device, memory_format=torch.channels_last)
     step_model = torch.compile(model) if p.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
 
@@ -206,7 +246,11 @@ def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParam
     train_split = DeviceSplit.from_arrays(data.train_images, data.train_labels, mean, std, device)
     test_split = DeviceSplit.from_arrays(data.test_images, data.test_labels, mean, std, device)
 
-    resolved = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(p), "schedule": dataclasses.asdict(schedule)}
+    resolved = {
+        "model": dataclasses.asdict(m),
+        "train": dataclasses.asdict(p),
+        "schedule": dataclasses.asdict(schedule),
+    }
     checkpoint = ResumeCheckpoint(ws.checkpoints, run_key({**resolved, "device": device.type}, data.digest))
     state = checkpoint.load()
     history: list[dict[str, float]] = []
@@ -229,39 +273,28 @@ def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParam
     for epoch in range(start_epoch + 1, p.epochs + 1):
         torch.manual_seed(p.seed * _EPOCH_SEED_STRIDE + epoch)  # dropout (mobilenet) draws from the global RNG
         generator = torch.Generator(device=device).manual_seed(p.seed * _EPOCH_SEED_STRIDE + epoch)
-        _set_train_mode(model, p.freeze)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        step = (epoch - 1) * schedule.steps_per_epoch
-        lr = schedule.peak_lr
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_start = time.perf_counter()
-        for i, (images, labels) in enumerate(train_split.train_batches(schedule.batch_size, p.augment, generator)):
-            lr = lr_at(step, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, p.schedule)
-            set_lr(optimizer, lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = step_model(images)
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach()
-            step += 1
-            if (i + 1) % CHECK_FINITE_EVERY == 0 and not torch.isfinite(loss_sum):
-                raise _diverged(epoch, step, lr, p, ws, checkpoint)
-        train_loss = float(loss_sum.item()) / schedule.steps_per_epoch
-        epoch_seconds = time.perf_counter() - epoch_start
+        train_loss, lr = _train_epoch(
+            step_model, model, optimizer, ema, criterion, train_split, schedule, p, epoch, generator
+        )
+        epoch_seconds = time.perf_counter() - epoch_start  # _train_epoch ends with a sync (.item())
         if not math.isfinite(train_loss):
-            raise _diverged(epoch, step, lr, p, ws, checkpoint)
+            raise _diverged(epoch, lr, p, ws, checkpoint)
         if ema is not None:
             eval_model.load_state_dict(ema.shadow)
         accuracy = evaluate(eval_model, test_split, device)
         train_seconds += epoch_seconds
         images_per_s = schedule.steps_per_epoch * schedule.batch_size / epoch_seconds
         history.append(
-            {"epoch": epoch, "train_loss": round(train_loss, 6), "test_accuracy": round(accuracy, 6), "lr": lr, "images_per_s": round(images_per_s, 1)}
+            {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 6),
+                "test_accuracy": round(accuracy, 6),
+                "lr": lr,
+                "images_per_s": round(images_per_s, 1),
+            }
         )
         checkpoint.save(
             {
@@ -291,7 +324,10 @@ def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParam
         "images_per_s": round(images_per_s, 1),
     }
     candidate = {
-        "state_dict": {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu() for k, v in final_state.items()},
+        "state_dict": {
+            k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+            for k, v in final_state.items()
+        },
         "arch": m.arch,
         "stem": m.stem,
         "num_classes": len(data.classes),
@@ -318,9 +354,12 @@ def train(p: TrainParams, m: ModelParams, ws: Workspace, registry: RegistryParam
         "weights": source,
     }
     atomic_write_json(ws.train_summary, summary)
-    _write_history(ws.train_history, history)
+    write_history(ws.train_history, history)
     checkpoint.remove()
-    log.info("candidate %s: test accuracy %.4f after %d epochs (%.1f s of training)", ws.candidate_weights, final["test_accuracy"], p.epochs, train_seconds)
+    log.info(
+        "candidate %s: test accuracy %.4f after %d epochs (%.1f s of training)",
+        ws.candidate_weights, final["test_accuracy"], p.epochs, train_seconds,
+    )
     return TrainResult(
         candidate=ws.candidate_weights,
         test_accuracy=final["test_accuracy"],

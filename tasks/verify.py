@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +64,9 @@ def batch_of(images: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:size]), True
 
 
-def parity(session: Session, model: Any, images: np.ndarray, batch: int, atol: float, min_agreement: float, device: Any) -> dict[str, Any]:
+def parity(
+    session: Session, model: Any, images: np.ndarray, batch: int, atol: float, min_agreement: float, device: Any
+) -> dict[str, Any]:
     """ONNX vs PyTorch on one batch of exactly ``batch`` images."""
     x, repeated = batch_of(images, batch)
     ort_out = session.run(x)
@@ -123,12 +124,11 @@ def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any
 
 
 def _verify_model(
-    path: Path, split: TestSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
-) -> tuple[Session, dict[str, Any], list[Check]]:
-    """Parity at each batch size and whole-split accuracy for one ONNX file."""
+    session: Session, split: TestSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
+) -> tuple[dict[str, Any], list[Check]]:
+    """Parity at each batch size and whole-split accuracy for one ONNX model."""
     import torch
 
-    session = open_session(path, p.provider)
     device = torch.device("cuda" if session.active == "cuda" else "cpu")
     checks: list[Check] = []
     parities = []
@@ -157,7 +157,7 @@ def _verify_model(
         "tolerance": tolerance,
         "top1_agreement": agreement,
         "max_abs_diff": float(np.max(np.abs(ort_probs.astype(np.float64) - torch_probs))),
-        "n_test": int(len(split.labels)),
+        "n_test": len(split.labels),
     }
     checks.append(
         Check(
@@ -167,21 +167,24 @@ def _verify_model(
             f" top-1 agreement {agreement:.4f}",
         )
     )
-    return session, {"parity": parities, "accuracy": accuracy}, checks
+    return {"parity": parities, "accuracy": accuracy}, checks
 
 
 def verify(params: Params, ws: Workspace) -> dict[str, Any]:
     """Verify the exported model (and its fp16 variant); write the report; raise if a check failed."""
-    from tasks.models import Deployable
-
     p = params.verify
     max_batch = params.registry.max_batch_size
     export_report = read_export_report(ws)
     if file_digest(ws.candidate_weights) != export_report["candidate_sha256"]:
         raise DataError(f"{ws.onnx_model} was exported from another {ws.candidate_weights}: rerun the export stage")
+    session = open_session(ws.onnx_model, p.provider)  # first: a missing provider fails before any work
+    from tasks.models import (
+        Deployable,  # torch: imported once the provider is known to be there
+    )
+
     split = load_test_split(ws)
     model = Deployable.from_candidate(ws.candidate_weights)
-    session, fp32, checks = _verify_model(ws.onnx_model, split, model, p, max_batch, p.atol, "")
+    fp32, checks = _verify_model(session, split, model, p, max_batch, p.atol, "")
     checks.insert(
         0,
         Check(
@@ -195,13 +198,20 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
     lat = latency_ms(session, split.images[:1], p.latency_runs)
     big, _ = batch_of(split.images, max_batch)
     thr = throughput(session, big, p.throughput_runs)
-    log.info("latency p50 %.2f ms p95 %.2f ms; throughput %.0f images/s at batch %d", lat["p50"], lat["p95"], thr["images_per_s"], max_batch)
+    log.info(
+        "latency p50 %.2f ms p95 %.2f ms; throughput %.0f images/s at batch %d",
+        lat["p50"],
+        lat["p95"],
+        thr["images_per_s"],
+        max_batch,
+    )
     fp16 = None
     if export_report.get("fp16"):
         fp16_path = ws.exported / export_report["fp16"]["path"]
         if file_digest(fp16_path) != export_report["fp16"]["sha256"]:
             raise DataError(f"{fp16_path} does not match {ws.export_report}: rerun the export stage")
-        fp16_session, fp16, fp16_checks = _verify_model(fp16_path, split, model, p, max_batch, p.fp16_atol, "fp16_")
+        fp16_session = open_session(fp16_path, p.provider)
+        fp16, fp16_checks = _verify_model(fp16_session, split, model, p, max_batch, p.fp16_atol, "fp16_")
         fp16["latency_ms"] = latency_ms(fp16_session, split.images[:1], p.latency_runs)
         fp16["sha256"] = export_report["fp16"]["sha256"]
         checks.extend(fp16_checks)
@@ -230,7 +240,9 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
         log.warning("verified on the CPU: CUDA was NOT verified (cuda_verified: false in %s)", ws.verification)
     if failures:
         details = "; ".join(f"{c.name}: {c.detail}" for c in checks if not c.passed)
-        raise VerificationFailed(f"verification of {ws.onnx_model} failed {', '.join(failures)} ({details}); see {ws.verification}")
+        raise VerificationFailed(
+            f"verification of {ws.onnx_model} failed {', '.join(failures)} ({details}); see {ws.verification}"
+        )
     return report
 
 

@@ -16,7 +16,6 @@ from tasks.params import GateParams
 from tasks.paths import Workspace
 
 
-
 def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
     labels = np.array([0, 0, 0, 1, 1, 2])
     predicted = np.array([0, 0, 1, 1, 0, 0])

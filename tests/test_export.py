@@ -75,5 +75,7 @@ def test_fp16_variant_keeps_the_contract_and_stays_close(exported: Workspace) ->
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8), dtype=np.uint8)
-    probs = ort.InferenceSession(str(exported.onnx_model_fp16), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    probs = ort.InferenceSession(str(exported.onnx_model_fp16), providers=["CPUExecutionProvider"]).run(
+        None, {"image": images}
+    )[0]
     np.testing.assert_allclose(probs, _by_hand(exported, images), atol=1e-2)

@@ -15,13 +15,17 @@ from tasks.paths import Workspace
 from tasks.predict import predict
 from tasks.registry import Registry
 
+
 def _setup(tmp_path: Path, channels: int) -> tuple[Workspace, Params]:
     ws = Workspace(tmp_path / "ws")
     p = write_params(ws, {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
     src = tmp_path / "src"
     pixel_reader_onnx(src / "model.onnx", 3, channels, 4, read_channel=0)
     (src / "weights.pt").write_bytes(b"w")
-    card = {"classes": CLASSES3, "export": export_contract(src / "model.onnx", src / "weights.pt", CLASSES3, channels, 4)}
+    card = {
+        "classes": CLASSES3,
+        "export": export_contract(src / "model.onnx", src / "weights.pt", CLASSES3, channels, 4),
+    }
     registry = Registry.open(ws, p.registry)
     with registry.lock():
         registry.publish({"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}, card, history={})

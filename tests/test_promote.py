@@ -22,6 +22,7 @@ from candidate_factory import (
     answers_for,
     answers_images,
     pixel_reader_candidate,
+    pixel_reader_onnx,
     run_stage,
     stage_command,
     write_params,
@@ -39,8 +40,16 @@ N = 60
 
 def make_ws(root: Path, registry: Path, **overrides: Any) -> Workspace:
     ws = Workspace(root)
-    write_params(ws, {"registry.uri": str(registry), "registry.model_name": "clf", "promote.require_provider": "cpu",
-                      "registry.max_batch_size": 16, **overrides})
+    write_params(
+        ws,
+        {
+            "registry.uri": str(registry),
+            "registry.model_name": "clf",
+            "promote.require_provider": "cpu",
+            "registry.max_batch_size": 16,
+            **overrides,
+        },
+    )
     return ws
 
 
@@ -52,11 +61,17 @@ def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
 
 
 def tree_bytes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def popen_promote(ws: Workspace) -> subprocess.Popen[str]:
-    return subprocess.Popen(**stage_command("tasks.promote"), cwd=ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        **stage_command("tasks.promote"), cwd=ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte(tmp_path: Path) -> None:
@@ -107,6 +122,7 @@ def test_refuses_a_candidate_that_failed_the_floor(tmp_path: Path) -> None:
     ws = make_ws(tmp_path / "ws", tmp_path / "registry")
     nested_split(ws, right=(40, 40, 40))
     pixel_reader_candidate(ws, read_channel=0, gate_passed=False)
+    ws.verification.unlink()  # the pipeline stops at evaluate: export and verify never ran for it
     with pytest.raises(PromotionRejected) as info:
         promote(ws, params_mod.load(ws.params_file))
     assert info.value.exit_code == 3
@@ -126,9 +142,13 @@ def test_stale_evidence_is_refused(tmp_path: Path) -> None:
     ws = make_ws(tmp_path / "ws", tmp_path / "registry")
     nested_split(ws, right=(40, 40, 40))
     pixel_reader_candidate(ws, read_channel=0)
+    p = params_mod.load(ws.params_file)
+    pixel_reader_onnx(ws.onnx_model, 3, 3, 4, read_channel=2)  # re-exported after verification
+    with pytest.raises(DataError, match="verification.json were written for another candidate"):
+        promote(ws, p)
     ws.candidate_weights.write_bytes(b"retrained since the reports were written")
-    with pytest.raises(DataError, match="another candidate"):
-        promote(ws, params_mod.load(ws.params_file))
+    with pytest.raises(DataError, match="metrics.json was written for another candidate"):
+        promote(ws, p)
 
 
 def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_path: Path) -> None:
@@ -174,7 +194,14 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     proc = popen_promote(ws)
     model_dir = registry_dir / "clf"
     deadline = time.monotonic() + 60
-    while not list(model_dir.glob(".staging-*")) and proc.poll() is None and time.monotonic() < deadline:
+    # Kill as soon as the new version is being written: in its staging copy, or renamed into place
+    # before the pointer moved.
+    while (
+        not list(model_dir.glob(".staging-*"))
+        and not (model_dir / "2").exists()
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.001)
     killed_while_running = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
@@ -203,7 +230,9 @@ def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     decision = promote(ws, params_mod.load(ws.params_file))
     version_dir = tmp_path / "registry" / "clf" / str(decision.version)
     card = json.loads((version_dir / "card.json").read_text())
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, text=True, capture_output=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ws.root, text=True, capture_output=True, check=True
+    ).stdout.strip()
     assert card["git_rev"].startswith(head)
     assert card["data"]["md5"] == "0123456789abcdef0123456789abcdef.dir"
     assert card["data"]["data_profile"] == {"pixel_mean": 0.1}

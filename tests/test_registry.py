@@ -27,8 +27,12 @@ def _version_files(tmp_path: Path, tag: int, classes: list[str] = CLASSES3) -> t
     src = tmp_path / f"candidate{tag}"
     pixel_reader_onnx(src / "model.onnx", len(classes), 3, 4, read_channel=tag % 3)
     (src / "weights.pt").write_bytes(f"weights {tag}".encode())
-    card = {"classes": classes, "export": export_contract(src / "model.onnx", src / "weights.pt", classes, 3, 4),
-            "metrics": {"accuracy": 0.5 + tag / 100}, "verification": {"provider_active": "cpu", "cuda_verified": False}}
+    card = {
+        "classes": classes,
+        "export": export_contract(src / "model.onnx", src / "weights.pt", classes, 3, 4),
+        "metrics": {"accuracy": 0.5 + tag / 100},
+        "verification": {"provider_active": "cpu", "cuda_verified": False},
+    }
     return {"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}, card
 
 
@@ -75,7 +79,11 @@ def test_config_pbtxt_parses_under_tritons_schema_and_pins_production(registry: 
     assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [3, 4, 4])
     assert inp.format == model_config_pb2.ModelInput.FORMAT_NCHW
     assert (out.name, out.data_type, list(out.dims), out.label_filename) == (
-        "probabilities", model_config_pb2.TYPE_FP32, [3], LABELS)
+        "probabilities",
+        model_config_pb2.TYPE_FP32,
+        [3],
+        LABELS,
+    )
 
 
 def test_publish_outside_the_lock_is_a_bug(registry: Registry, tmp_path: Path) -> None:
@@ -99,8 +107,14 @@ def test_rollback_to_previous_and_to_a_named_version(registry: Registry, tmp_pat
     with pytest.raises(RegistryError, match="not a complete version"):
         registry.rollback(to=9)
     events = [(e["event"], e["version"], e["previous"]) for e in registry.history()]
-    assert events == [("promote", 1, None), ("promote", 2, 1), ("promote", 3, 2),
-                      ("rollback", 2, 3), ("rollback", 3, 2), ("rollback", 1, 3)]
+    assert events == [
+        ("promote", 1, None),
+        ("promote", 2, 1),
+        ("promote", 3, 2),
+        ("rollback", 2, 3),
+        ("rollback", 3, 2),
+        ("rollback", 1, 3),
+    ]
 
 
 def test_status_has_the_cli_shape(registry: Registry, tmp_path: Path) -> None:
@@ -130,7 +144,10 @@ def test_history_skips_a_torn_last_line_and_recovers_a_missing_entry(registry: R
 
 def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             sys.path.insert(0, {str(PROJECT)!r})
             from pathlib import Path
@@ -142,16 +159,17 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
                 time.sleep(3)
                 releasing_at = time.time()
             print(releasing_at, flush=True)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         impatient = Registry(str(tmp_path / "registry"), RegistryParams("r", "clf", 16, 0.5), tmp_path)
         start = time.monotonic()
-        with pytest.raises(RegistryError, match="locked by another promotion"):
-            with impatient.lock():
-                pass
+        with pytest.raises(RegistryError, match="locked by another promotion"), impatient.lock():
+            pass
         assert time.monotonic() - start >= 0.5
         patient = Registry(str(tmp_path / "registry"), PARAMS, tmp_path)
         with patient.lock():

@@ -19,7 +19,7 @@ from tasks.errors import TrainingDiverged
 from tasks.models import CANDIDATE_KEYS, build_model, load_candidate
 from tasks.params import ModelParams, TrainParams
 from tasks.paths import Workspace
-from tasks.train import HISTORY_COLUMNS, Schedule, train
+from tasks.train import HISTORY_COLUMNS, Schedule, write_history, train
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -49,7 +49,8 @@ def write_prepared(ws: Workspace, n_train: int = 48, n_test: int = 16, size: int
 def tiny(**changes: object) -> TrainParams:
     """The defaults of params.yaml, sized for a few dozen 8x8 images on a CPU."""
     defaults = params.load(PROJECT / "params.yaml").train
-    tiny_defaults = {"device": "cpu", "epochs": 2, "min_steps_per_epoch": 4, "augment": dataclasses.replace(defaults.augment, crop_padding=2)}
+    augment = dataclasses.replace(defaults.augment, crop_padding=2)
+    tiny_defaults = {"device": "cpu", "epochs": 2, "min_steps_per_epoch": 4, "augment": augment}
     return dataclasses.replace(defaults, **{**tiny_defaults, **changes})
 
 
@@ -175,3 +176,20 @@ def test_rerun_after_kill_9_resumes_and_ends_with_the_uninterrupted_weights(tmp_
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     with ws.train_history.open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
+
+
+def test_dvc_plots_show_renders_the_training_curves(workspace: Workspace) -> None:
+    history = [
+        {"epoch": e, "train_loss": 2.0 / e, "test_accuracy": 0.2 * e, "lr": 0.1 / e, "images_per_s": 100.0 + e}
+        for e in (1, 2, 3)
+    ]
+    write_history(workspace.train_history, history)
+    proc = subprocess.run(["dvc", "plots", "show", "--json"], cwd=workspace.root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    plots = json.loads(proc.stdout)["data"]
+    curves = {"train_loss": "train_loss", "test_accuracy": "test_accuracy", "learning_rate": "lr", "throughput": "images_per_s"}
+    for plot_id, column in curves.items():
+        content = plots[plot_id][0]["content"]
+        rows = content["data"]["values"]
+        assert [row["epoch"] for row in rows] == ["1", "2", "3"], plot_id
+        assert column in json.dumps(content["layer"]), f"{plot_id} does not plot {column}"

@@ -17,10 +17,18 @@ from tasks.paths import Workspace
 from tasks.verify import VerificationFailed, batch_of, verify
 
 
-
 def _params(ws: Workspace, **overrides: object) -> Params:
-    return write_params(ws, {"verify.provider": "cpu", "verify.odd_batch": 5, "verify.latency_runs": 5,
-                             "verify.throughput_runs": 2, "registry.max_batch_size": 16, **overrides})
+    return write_params(
+        ws,
+        {
+            "verify.provider": "cpu",
+            "verify.odd_batch": 5,
+            "verify.latency_runs": 5,
+            "verify.throughput_runs": 2,
+            "registry.max_batch_size": 16,
+            **overrides,
+        },
+    )
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def test_rgb_stem_weights_are_summed_for_grayscale_input() -> None:
 def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "arch": "resnet34"}, tmp_path / "other.pt")
     with pytest.raises(DataError, match="holds a resnet34 but model.arch is resnet18"):
-        load_initial_weights(build_model("resnet18", "cifar", 4, 3), ModelParams("resnet18", "cifar", "other.pt"), Workspace(tmp_path))
+        model = build_model("resnet18", "cifar", 4, 3)
+        load_initial_weights(model, ModelParams("resnet18", "cifar", "other.pt"), Workspace(tmp_path))
     wrong = build_model("mobilenet_v3_small", "cifar", 4, 3).state_dict()
     with pytest.raises(DataError, match="does not fit the model"):
         transfer(build_model("resnet18", "cifar", 4, 3), wrong, "mobilenet.pt")
@@ -70,10 +71,12 @@ def test_imagenet_weights_offline_name_the_file_they_expected(tmp_path: Path, mo
         monkeypatch.delenv(name, raising=False)
     expected = str(imagenet_cache_file("resnet18"))
     with pytest.raises(RuntimeUnavailable, match=f"put that file at {expected}"):
-        load_initial_weights(build_model("resnet18", "cifar", 10, 3), ModelParams("resnet18", "cifar", "imagenet"), Workspace(tmp_path))
+        model = build_model("resnet18", "cifar", 10, 3)
+        load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet"), Workspace(tmp_path))
 
 
 def test_production_weights_without_a_production_version_is_a_clear_error(tmp_path: Path) -> None:
     registry = params.load(PROJECT / "params.yaml").registry
     with pytest.raises(RegistryError, match="has no production version"):
-        load_initial_weights(build_model("resnet18", "cifar", 4, 3), ModelParams("resnet18", "cifar", "production"), Workspace(tmp_path), registry)
+        model = build_model("resnet18", "cifar", 4, 3)
+        load_initial_weights(model, ModelParams("resnet18", "cifar", "production"), Workspace(tmp_path), registry)
