@@ -47,7 +47,7 @@ def _params(ws: Workspace) -> params_module.Params:
 def _locked(ws: Workspace, params: params_module.Params, what: str) -> Any:
     from flows.workspace_lock import workspace_lock
 
-    return workspace_lock(ws, f"visionops {what}", params.schedule.lock_timeout, on_wait=_say)
+    return workspace_lock(ws, f"visionops {what}", params.schedule.lock_timeout_s, on_wait=_say)
 
 
 def pipeline_exit_code(state: State[Any]) -> int:
@@ -105,11 +105,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     ws = _workspace(args)
     params = _params(ws)
     with _locked(ws, params, "ingest"):
-        if args.source is not None:
-            # data.source records where data/ came from; the next pipeline run ingests the same source.
-            params = params_module.write_overrides(ws.params_file, {"data.source": args.source})
+        result = ingest(ws, params.data, args.source)
+        if args.source is not None and args.source != params.data.source:
+            # data.source records where data/ came from, so the next pipeline run ingests the same.
+            params_module.write_overrides(ws.params_file, {"data.source": args.source})
             print(f"params.yaml: data.source = {args.source}")
-        result = ingest(ws, params.data)
     state = "a new version" if result.changed else "unchanged"
     print(f"data/ from {result.source}: {state} (dvc md5 {result.md5}), pushed to the DVC remote")
     return EXIT_OK

@@ -44,13 +44,13 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
     ``overrides`` maps dotted params.yaml keys to values, as ``dvc exp run -S`` does: they are
     validated first, then written into params.yaml, so ``dvc repro`` afterwards agrees.
     """
-    started = time.monotonic()
     log = get_run_logger()
     ws = Workspace(Path(workspace).resolve() if workspace else Path.cwd())
     overrides = dict(overrides or {})
     preview = check_overrides(ws, overrides)
     holder = f"flow run {flow_run.name} ({flow_run.id})"
-    with workspace_lock(ws, holder, preview.schedule.lock_timeout, on_wait=log.warning):
+    with workspace_lock(ws, holder, preview.schedule.lock_timeout_s, on_wait=log.warning):
+        started = time.monotonic()  # time waiting for the lock is not the pipeline's
         params = write_overrides(ws.params_file, overrides)
         before = _production_version(production_status(ws, params))
         clock = StageClock()
@@ -61,11 +61,18 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
             clock.measure("promote", promote_candidate, ws, params)
         except GateRejected as exc:
             artifacts.publish_production(production_status(ws, params), changed=False)
+            clock.report(log, time.monotonic() - started)
             log.warning("candidate rejected: %s; production stays at version %s", exc, before)
             return Completed(name=REJECTED, message=f"{exc} (production unchanged: version {before})")
         status = production_status(ws, params)
         artifacts.publish_production(status, changed=_production_version(status) != before)
-    return _summary(status, clock.seconds, time.monotonic() - started, log)
+    production = status.get("production") or {}
+    return {
+        "production_version": production.get("version"),
+        "model_path": production.get("model_path"),
+        "stage_seconds": clock.seconds,
+        "flow_seconds": clock.report(log, time.monotonic() - started),
+    }
 
 
 class StageClock:
@@ -76,26 +83,19 @@ class StageClock:
 
     def measure(self, name: str, step: Any, *args: Any) -> Any:
         started = time.monotonic()
-        result = raise_if_rejected(step(*args))
+        result = step(*args)
         self.seconds[name] = result.seconds if isinstance(result, StageRun) else time.monotonic() - started
-        return result
+        return raise_if_rejected(result)
 
-
-def _summary(status: dict[str, Any], stage_seconds: dict[str, float], wall_s: float, log: Any) -> dict[str, Any]:
-    """What the run produced, and where its time went (stage processes vs. orchestration)."""
-    in_stages = sum(stage_seconds.values())
-    log.info(
-        "pipeline done in %.1f s: %.1f s in stages (%s), %.1f s (%.0f%%) orchestration",
-        wall_s,
-        in_stages,
-        ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()),
-        wall_s - in_stages,
-        100 * (wall_s - in_stages) / wall_s if wall_s else 0.0,
-    )
-    production = status.get("production") or {}
-    return {
-        "production_version": production.get("version"),
-        "model_path": production.get("model_path"),
-        "stage_seconds": stage_seconds,
-        "flow_seconds": wall_s,
-    }
+    def report(self, log: Any, wall_s: float) -> float:
+        """Log where ``wall_s`` went: stage processes vs. orchestration; returns ``wall_s``."""
+        in_steps = sum(self.seconds.values())
+        log.info(
+            "pipeline took %.1f s: %.1f s in its steps (%s), %.1f s (%.0f%%) orchestration",
+            wall_s,
+            in_steps,
+            ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
+            wall_s - in_steps,
+            100 * (wall_s - in_steps) / wall_s if wall_s else 0.0,
+        )
+        return wall_s

@@ -71,7 +71,7 @@ def workspace_lock(
                 if waited >= timeout_s:
                     raise WorkspaceBusy(
                         f"workspace {ws.root} is still busy after {waited:.0f} s: {_holder(fd)} holds"
-                        f" {path}; try again when it has finished, or raise schedule.lock_timeout"
+                        f" {path}; try again when it has finished, or raise schedule.lock_timeout_s"
                     ) from None
                 if waited - last_report >= WAIT_REPORT_S:
                     on_wait(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tasks.models import normalize
-from tasks.params import AugmentParams
+from tasks.params import AugmentParams, ConfigError
 
 # Images per chunk when computing statistics: bounds float64 temporaries to ~100 MB at 32 px.
 _STATS_CHUNK = 4096
@@ -56,7 +56,7 @@ def augment(images: torch.Tensor, a: AugmentParams, generator: torch.Generator) 
     pad = a.crop_padding
     if pad > 0:
         if pad >= min(height, width):
-            raise ValueError(f"train.augment.crop_padding={pad} must be smaller than the image ({height}x{width})")
+            raise ConfigError(f"train.augment.crop_padding={pad} must be smaller than the image ({height}x{width})")
         shift = torch.randint(-pad, pad + 1, (2, batch, 1), generator=generator, device=device)
         rows = _reflect(rows + shift[0], height)
         cols = _reflect(cols + shift[1], width)
@@ -71,7 +71,8 @@ def augment(images: torch.Tensor, a: AugmentParams, generator: torch.Generator) 
         pixels = pixels.gather(1, source.expand(batch, height * width, channels))
         images = pixels.view(batch, height, width, channels).permute(0, 3, 1, 2)
     if a.cutout > 0:
-        # The square's centre is uniform over the image, so it may be partly outside (as in DeVries & Taylor).
+        # The square's centre is uniform over the image, so it may be partly outside (as in DeVries &
+        # Taylor); erased pixels become black.
         centre = torch.stack(
             [
                 torch.randint(0, height, (batch,), generator=generator, device=device),

@@ -141,7 +141,7 @@ class ScheduleParams:
     cron: str
     timezone: str
     deployment: str
-    lock_timeout: int  # s a run waits for another run in the same workspace
+    lock_timeout_s: float  # a run waits this long for another run in the same workspace
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("verify.fp16_atol", lambda v: v > 0, "positive"),
     ("registry.max_batch_size", lambda v: v >= 1, "at least 1"),
     ("registry.lock_timeout_s", lambda v: v > 0, "positive"),
-    ("schedule.lock_timeout", lambda v: v >= 0, "non-negative"),
+    ("schedule.lock_timeout_s", lambda v: v >= 0, "non-negative"),
 )
 
 

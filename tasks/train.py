@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "test_accuracy", "lr", "images_per_s")
 EVAL_BATCH = 1024  # images per evaluation step; inference needs no gradients, so larger than training's
+MIN_BATCH = 16  # images; below this BatchNorm's batch statistics are too noisy to train on
 CHECK_FINITE_EVERY = 50  # steps between NaN checks (each one is a device sync on CUDA)
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s draws from generator seed s * stride + e
 
@@ -69,10 +70,12 @@ class Schedule:
     @classmethod
     def for_dataset(cls, p: TrainParams, n_train: int) -> Schedule:
         # Cap the batch so an epoch has at least min_steps_per_epoch steps: 1,500 images at batch 512
-        # would be 2 steps an epoch, far too few updates for 10 epochs. At least 2 images for BatchNorm.
-        batch = max(2, min(p.batch_size, n_train // p.min_steps_per_epoch))
-        if n_train < batch:
+        # would be 2 steps an epoch, far too few updates for 10 epochs. The floor keeps BatchNorm's
+        # batch statistics usable; the very smallest datasets then get fewer steps instead.
+        if n_train < 2:
             raise DataError(f"the train split has {n_train} images; training needs at least 2")
+        floor = min(MIN_BATCH, p.batch_size, n_train)
+        batch = max(floor, min(p.batch_size, n_train // p.min_steps_per_epoch))
         steps = n_train // batch
         return cls(
             batch_size=batch,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.augment import DeviceSplit, augment, channel_stats
-from tasks.params import AugmentParams
+from tasks.params import AugmentParams, ConfigError
 
 
 def _images(n: int = 6, c: int = 2, size: int = 8) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_same_generator_seed_gives_the_same_batch() -> None:
 
 
 def test_padding_as_large_as_the_image_is_refused() -> None:
-    with pytest.raises(ValueError, match="crop_padding"):
+    with pytest.raises(ConfigError, match="crop_padding"):
         augment(_images(size=4), AugmentParams(crop_padding=4, flip=False, cutout=0), torch.Generator())
 
 

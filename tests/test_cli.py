@@ -13,6 +13,8 @@ from conftest import PROJECT, run
 from flows.cli import main, pipeline_exit_code
 from flows.stages import REJECTED, StageFailed
 from tasks.errors import VisionopsError
+from tasks.params import load
+from tasks.paths import Workspace
 
 
 @pytest.fixture
@@ -100,3 +102,19 @@ def test_the_console_script_is_installed_and_reports_usage_errors(tmp_path: Path
     proc = run(["visionops", "--help"], tmp_path)
     for command in ("quickstart", "run", "ingest", "promote", "rollback", "status", "predict", "serve"):
         assert command in proc.stdout
+
+
+def test_ingest_from_a_class_folder_versions_it_and_records_the_source(workspace: Workspace, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "shapes"
+    for label, shade in (("dark", 30), ("light", 220)):
+        (folder / label).mkdir(parents=True)
+        for i in range(15):
+            Image.new("L", (12, 12), shade + i).save(folder / label / f"{i}.png")
+    proc = run(["visionops", "ingest", "--source", str(folder)], workspace.root)
+    assert f"params.yaml: data.source = {folder}" in proc.stdout and "a new version" in proc.stdout
+    assert load(workspace.params_file).data.source == str(folder)
+    assert (workspace.root / "data.dvc").is_file() and workspace.raw_split("train").is_file()
+    again = run(["visionops", "ingest"], workspace.root)
+    assert "unchanged" in again.stdout and "params.yaml" not in again.stdout

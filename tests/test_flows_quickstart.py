@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import PROJECT
 from flows.overrides import check_overrides
 from flows.quickstart import CPU_ONLY_OVERRIDES, closing_report, cuda_present, quickstart_overrides
 from tasks.paths import Workspace
-from conftest import PROJECT
 
 SUMMARY = {"production_version": 1, "model_path": "/ws/registry/m/1/model.onnx", "stage_seconds": {"train": 60.0, "verify": 20.0}}
 
@@ -32,7 +32,7 @@ def test_the_quickstart_overrides_are_valid_params() -> None:
         assert params.data.source == "synthetic"
 
 
-def test_cuda_presence_matches_torch(tmp_path: Path) -> None:
+def test_cuda_presence_matches_torch() -> None:
     import torch
 
     assert cuda_present() == torch.cuda.is_available()

@@ -13,8 +13,8 @@ import yaml
 from prefect.states import Completed, Failed
 
 from conftest import PROJECT, run
-from flows.workspace_lock import WorkspaceBusy, workspace_lock
 from flows.stages import REJECTED, StageFailed, _transient, dvc_stages, failure_reason, raise_if_rejected, run_dvc_stage
+from flows.workspace_lock import WorkspaceBusy, workspace_lock
 from tasks.downloads import TransientDownloadError
 from tasks.errors import DataError, GateRejected
 from tasks.paths import Workspace

@@ -1,6 +1,6 @@
 """`visionops serve` against a real `prefect server start` on a loopback port: the deployment and
-its cron come from params.yaml, a triggered run with overrides completes and promotes, and two
-runs triggered together never work in the workspace at the same time."""
+its cron come from params.yaml, the server schedules runs from it, a triggered run with overrides
+completes and promotes, and two runs triggered together never work in the workspace at once."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conftest import PROJECT, make_workspace, run
-from flows.serve import check_schedule
 from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
+from flows.serve import check_schedule
 from prefect_queries import artifact_keys, log_lines, scheduled_runs, task_runs
 from tasks.params import ConfigError, load, write_overrides
 from tasks.paths import Workspace
@@ -224,3 +224,16 @@ def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> 
     assert (cron["cron"], cron["timezone"]) == (schedule.cron, schedule.timezone)
     assert load_flow_from_entrypoint(str(PROJECT / deployment["entrypoint"])).name == "training-pipeline"
     assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1
+
+
+@pytest.mark.slow
+def test_a_triggered_run_with_a_typo_fails_naming_the_key_before_touching_anything(served: Served) -> None:
+    before = served.ws.params_file.read_bytes()
+    flow_run_id = run_deployment(
+        f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": {"train.epoch": 1}}, timeout=0
+    ).id
+    with get_client(sync_client=True) as client:
+        flow_run = _wait_final(client, flow_run_id, time.monotonic() + STARTUP_S)
+    assert flow_run.state.type.value == "FAILED"
+    assert "unknown key train.epoch" in flow_run.state.message
+    assert served.ws.params_file.read_bytes() == before

@@ -50,7 +50,7 @@ def tiny(**changes: object) -> TrainParams:
     """The defaults of params.yaml, sized for a few dozen 8x8 images on a CPU."""
     defaults = params.load(PROJECT / "params.yaml").train
     augment = dataclasses.replace(defaults.augment, crop_padding=2)
-    tiny_defaults = {"device": "cpu", "epochs": 2, "min_steps_per_epoch": 4, "augment": augment}
+    tiny_defaults = {"device": "cpu", "epochs": 2, "min_steps_per_epoch": 3, "augment": augment}
     return dataclasses.replace(defaults, **{**tiny_defaults, **changes})
 
 
@@ -77,7 +77,7 @@ def test_train_writes_the_candidate_contract_summary_and_history(ws: Workspace) 
 
     summary = json.loads(ws.train_summary.read_text())
     assert summary["test_accuracy"] == result.test_accuracy == meta["metrics"]["test_accuracy"]
-    assert summary["batch_size"] == 12 and summary["steps_per_epoch"] == 4
+    assert summary["batch_size"] == 16 and summary["steps_per_epoch"] == 3
 
     with ws.train_history.open() as fh:
         rows = list(csv.DictReader(fh))
@@ -112,6 +112,8 @@ def test_small_datasets_get_smaller_batches_and_a_proportional_lr() -> None:
     small = Schedule.for_dataset(p, 1440)
     assert (small.batch_size, small.steps_per_epoch, small.total_steps, small.warmup_steps) == (72, 20, 200, 20)
     assert small.peak_lr == pytest.approx(0.4 * 72 / 512)
+    assert Schedule.for_dataset(p, 200).batch_size == 16, "no batch below 16 for BatchNorm"
+    assert Schedule.for_dataset(p, 10).batch_size == 10
     large = Schedule.for_dataset(p, 50_000)
     assert (large.batch_size, large.steps_per_epoch, large.peak_lr) == (512, 97, pytest.approx(0.4))
 
@@ -132,8 +134,8 @@ def test_a_checkpoint_of_other_parameters_is_not_resumed(ws: Workspace) -> None:
     assert result.resumed_from_epoch == 0
 
 
-# The killed child runs the real stage code and SIGKILLs itself in the middle of epoch 3 (step 10
-# of 4 steps an epoch), after the epoch-2 checkpoint; no Python cleanup runs, as with kill -9.
+# The killed child runs the real stage code and SIGKILLs itself in the middle of epoch 3 (step 7,
+# 3 steps an epoch), after the epoch-2 checkpoint; no Python cleanup runs, as with kill -9.
 _KILLED_CHILD = textwrap.dedent(
     """
     import os, signal, sys, torch
@@ -146,7 +148,7 @@ _KILLED_CHILD = textwrap.dedent(
 
     real_lr_at = stage.lr_at
     def lr_at(step, *args):
-        if step == 10:
+        if step == 7:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_lr_at(step, *args)
     stage.lr_at = lr_at
