@@ -9,16 +9,15 @@ the file, so a run that has to wait can say what it is waiting for.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.errors import VisionopsError
+from tasks.flock import LockTimeout, acquire_exclusive
 from tasks.paths import Workspace
 
 POLL_S = 1.0  # how often a waiting run retries the lock
@@ -60,26 +59,24 @@ def workspace_lock(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        started = time.monotonic()
         last_report = -WAIT_REPORT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - started
-                if waited >= timeout_s:
-                    raise WorkspaceBusy(
-                        f"workspace {ws.root} is still busy after {waited:.0f} s: {_holder(fd)} holds"
-                        f" {path}; try again when it has finished, or raise schedule.lock_timeout_s"
-                    ) from None
-                if waited - last_report >= WAIT_REPORT_S:
-                    on_wait(
-                        f"waiting for the workspace lock {path}: held by {_holder(fd)};"
-                        f" waited {waited:.0f} s of at most {timeout_s:.0f} s"
-                    )
-                    last_report = waited
-                time.sleep(POLL_S)
+
+        def report(waited: float) -> None:
+            nonlocal last_report
+            if waited - last_report >= WAIT_REPORT_S:
+                on_wait(
+                    f"waiting for the workspace lock {path}: held by {_holder(fd)};"
+                    f" waited {waited:.0f} s of at most {timeout_s:.0f} s"
+                )
+                last_report = waited
+
+        try:
+            acquire_exclusive(fd, timeout_s, POLL_S, report)
+        except LockTimeout as exc:
+            raise WorkspaceBusy(
+                f"workspace {ws.root} is still busy after {exc.waited_s:.0f} s: {_holder(fd)} holds"
+                f" {path}; try again when it has finished, or raise schedule.lock_timeout_s"
+            ) from None
         info = {"holder": holder, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -38,6 +38,7 @@ from typing import Any
 from tasks.atomic import atomic_write_bytes
 from tasks.downloads import file_digest
 from tasks.errors import RegistryError
+from tasks.flock import LockTimeout, acquire_exclusive
 from tasks.params import RegistryParams
 from tasks.paths import Workspace
 
@@ -320,24 +321,18 @@ class Registry:
 
     @contextlib.contextmanager
     def _lock_local(self) -> Iterator[None]:
-        import fcntl
-
         Path(self._p()).mkdir(parents=True, exist_ok=True)
         fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        start = time.monotonic()
+
+        def report(waited: float) -> None:
+            if waited < _LOCK_POLL_S:
+                log.info("waiting for another promotion or rollback to release %s", self._p(LOCK))
+
         try:
-            while True:
-                try:
-                    # flock is released by the kernel when the holder dies, even on kill -9.
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    waited = time.monotonic() - start
-                    if waited > self.params.lock_timeout_s:
-                        raise RegistryError(self._wait_message(waited)) from None
-                    if waited < _LOCK_POLL_S:
-                        log.info("waiting for another promotion or rollback to release %s", self._p(LOCK))
-                    time.sleep(_LOCK_POLL_S)
+            try:
+                acquire_exclusive(fd, self.params.lock_timeout_s, _LOCK_POLL_S, report)
+            except LockTimeout as exc:
+                raise RegistryError(self._wait_message(exc.waited_s)) from None
             yield
         finally:
             os.close(fd)  # closing releases the flock
