@@ -17,9 +17,10 @@ from tasks.paths import Workspace
 # Synthetic data and epochs small enough for a 2-core CPU in a few minutes, still above the gate.
 QUICKSTART_OVERRIDES: dict[str, Any] = {
     "data.source": "synthetic",
+    "data.image_size": 16,  # px: a quarter of the 32 px compute; the synthetic classes stay apart
     "data.synthetic.train_per_class": 150,  # images
     "data.synthetic.test_per_class": 50,  # images
-    "train.epochs": 4,
+    "train.epochs": 6,  # 0.965 test accuracy measured with these settings (benchmarks/RESULTS.md)
 }
 # Without CUDA the default params.yaml (verify on CUDA, promote only CUDA-verified models) cannot
 # promote anything; the quickstart verifies on CPU instead and says so.
