@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,10 +16,11 @@ import numpy as np
 
 from tasks.atomic import atomic_write_json, atomic_write_text
 from tasks.downloads import file_digest
-from tasks.errors import DataError, GateRejected
+from tasks.errors import GateRejected
 from tasks.gate import FloorCheck, check_floor
 from tasks.params import GateParams
 from tasks.paths import Workspace
+from tasks.prepared import load_split
 
 if TYPE_CHECKING:
     import torch
@@ -28,31 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 256  # images per forward pass; memory only, results do not depend on it
-
-
-@dataclass(frozen=True)
-class TestSplit:
-    images: np.ndarray  # uint8 (N, C, H, W)
-    labels: np.ndarray  # int64 (N,)
-    classes: list[str]
-
-
-def load_test_split(ws: Workspace) -> TestSplit:
-    """The prepared test split, checked against classes.json."""
-    for path in (ws.images("test"), ws.labels("test"), ws.classes):
-        if not path.is_file():
-            raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    images = np.load(ws.images("test"))
-    labels = np.load(ws.labels("test"))
-    classes = json.loads(ws.classes.read_text())
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-        raise DataError(
-            f"{ws.images('test')} must be non-empty uint8 (N, C, H, W) matching {ws.labels('test')};"
-            f" got {images.dtype} {images.shape} and {labels.shape}: rerun the prepare stage"
-        )
-    if labels.min() < 0 or labels.max() >= len(classes):
-        raise DataError(f"{ws.labels('test')} has labels outside 0..{len(classes) - 1} ({ws.classes}): rerun prepare")
-    return TestSplit(images, labels.astype(np.int64), list(classes))
 
 
 def torch_device() -> torch.device:
@@ -119,7 +94,7 @@ def evaluate(gate: GateParams, ws: Workspace) -> Evaluation:
     """Score models/candidate.pt on the test split, write both reports, then apply the floor."""
     from tasks.models import Deployable
 
-    split = load_test_split(ws)
+    split = load_split(ws, "test")
     model = Deployable.from_candidate(ws.candidate_weights)
     device = torch_device()
     log.info("evaluating %s on %d test images (%s)", ws.candidate_weights, len(split.labels), device)

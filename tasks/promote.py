@@ -22,10 +22,10 @@ import numpy as np
 from tasks.atomic import atomic_write_json
 from tasks.downloads import file_digest
 from tasks.errors import DataError, GateRejected
-from tasks.evaluate import TestSplit, load_test_split
 from tasks.gate import PairedComparison, check_floor, compare_with_production
 from tasks.params import GateParams, Params
 from tasks.paths import Workspace
+from tasks.prepared import PreparedSplit, load_split
 from tasks.registry import MODEL_FILE, WEIGHTS_FILE, Registry, now
 from tasks.runtime import open_session
 
@@ -177,7 +177,7 @@ def precondition_failures(evidence: Evidence, gate: GateParams, require_provider
     return failures
 
 
-def images_for_contract(split: TestSplit, contract: dict[str, Any]) -> np.ndarray:
+def images_for_contract(split: PreparedSplit, contract: dict[str, Any]) -> np.ndarray:
     """The test images in another model's input contract (size, channels), through tasks.imaging."""
     from tasks.imaging import encode_png, to_array
 
@@ -192,7 +192,7 @@ def images_for_contract(split: TestSplit, contract: dict[str, Any]) -> np.ndarra
     return out
 
 
-def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: TestSplit) -> np.ndarray:
+def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: PreparedSplit) -> np.ndarray:
     """Per test image, whether the model's top class names the true class (class sets may differ)."""
     predicted = np.asarray(model_classes, dtype=object)[probabilities.argmax(axis=1)]
     actual = np.asarray(split.classes, dtype=object)[split.labels]
@@ -271,7 +271,7 @@ def promote(ws: Workspace, params: Params) -> PromotionDecision:
         _record(ws, decision)
         raise PromotionRejected(decision)
 
-    split = load_test_split(ws)
+    split = load_split(ws, "test")
     batch = params.registry.max_batch_size
     candidate_correct = correct_by_name(
         _onnx_probabilities(ws.onnx_model, images_for_contract(split, evidence.export["input"]), batch),

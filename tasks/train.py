@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import time
@@ -32,6 +31,7 @@ from tasks.models import build_model, head
 from tasks.optim import WeightEMA, build_optimizer, lr_at, peak_lr, set_lr
 from tasks.params import ModelParams, RegistryParams, TrainParams
 from tasks.paths import Workspace
+from tasks.prepared import load_split
 from tasks.weights import load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -97,34 +97,12 @@ class PreparedData:
 
     @classmethod
     def load(cls, ws: Workspace) -> PreparedData:
-        files = [ws.images("train"), ws.labels("train"), ws.images("test"), ws.labels("test"), ws.classes]
-        for path in files:
-            if not path.is_file():
-                raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-        arrays = [np.load(path, allow_pickle=False) for path in files[:4]]
-        classes = json.loads(ws.classes.read_text())
-        data = cls(*arrays, classes=classes, digest=files_digest(files))
-        data._check(files)
-        return data
-
-    def _check(self, files: list[Path]) -> None:
-        for images, labels, image_file in (
-            (self.train_images, self.train_labels, files[0]),
-            (self.test_images, self.test_labels, files[2]),
-        ):
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-                raise DataError(
-                    f"{image_file}: expected uint8 (N, C, H, W) with C 1 or 3, got {images.dtype} {images.shape}"
-                )
-            if labels.shape != (images.shape[0],):
-                raise DataError(f"{image_file}: {images.shape[0]} images but {labels.shape} labels")
-            if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
-                raise DataError(f"{image_file}: labels outside 0..{len(self.classes) - 1} (classes.json)")
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            shapes = f"{self.train_images.shape[1:]} vs {self.test_images.shape[1:]}"
+        train, test = load_split(ws, "train"), load_split(ws, "test")
+        if train.images.shape[1:] != test.images.shape[1:]:
+            shapes = f"{train.images.shape[1:]} vs {test.images.shape[1:]}"
             raise DataError(f"train and test images differ in shape ({shapes}): rerun the prepare stage")
-        if len(self.test_labels) == 0:
-            raise DataError(f"{files[2]} holds no images: there is nothing to measure accuracy on")
+        files = [ws.images("train"), ws.labels("train"), ws.images("test"), ws.labels("test"), ws.classes]
+        return cls(train.images, train.labels, test.images, test.labels, train.classes, files_digest(files))
 
 
 def _set_train_mode(model: nn.Module, freeze: str) -> None:

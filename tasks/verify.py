@@ -22,9 +22,10 @@ import numpy as np
 from tasks.atomic import atomic_write_json
 from tasks.downloads import file_digest
 from tasks.errors import DataError, VisionopsError
-from tasks.evaluate import TestSplit, load_test_split, torch_probabilities
+from tasks.evaluate import torch_probabilities
 from tasks.params import Params, VerifyParams
 from tasks.paths import Workspace
+from tasks.prepared import PreparedSplit, load_split
 from tasks.runtime import Session, open_session, versions
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any
 
 
 def _verify_model(
-    session: Session, split: TestSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
+    session: Session, split: PreparedSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
 ) -> tuple[dict[str, Any], list[Check]]:
     """Parity at each batch size and whole-split accuracy for one ONNX model."""
     import torch
@@ -182,7 +183,7 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
         Deployable,  # torch: imported once the provider is known to be there
     )
 
-    split = load_test_split(ws)
+    split = load_split(ws, "test")
     model = Deployable.from_candidate(ws.candidate_weights)
     fp32, checks = _verify_model(session, split, model, p, max_batch, p.atol, "")
     checks.insert(

@@ -249,9 +249,9 @@ def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None
     rgb[0, 0] = 255  # red
     rgb[1] = 200  # light grey
     write_split(ws, rgb, np.array([0, 1]), CLASSES3)
-    from tasks.evaluate import load_test_split
+    from tasks.prepared import load_split
 
-    split = load_test_split(ws)
+    split = load_split(ws, "test")
     assert images_for_contract(split, {"channels": 3, "image_size": 4}) is split.images
     gray = images_for_contract(split, {"channels": 1, "image_size": 8})
     assert gray.shape == (2, 1, 8, 8)
