@@ -9,7 +9,6 @@ Targets on 2 CPU cores: prepare >= 5,000 images/s, validation <= 5 s (Great Expe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -21,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks import params as params_module  # noqa: E402
+from tasks.data.raw import write_split  # noqa: E402
+from tasks.data.sources import synthetic  # noqa: E402
 from tasks.params import SyntheticParams  # noqa: E402
 from tasks.paths import SPLITS, Workspace  # noqa: E402
 from tasks.prepare import prepare  # noqa: E402
-from tasks.rawdata import write_split  # noqa: E402
-from tasks.sources import synthetic  # noqa: E402
 
 
 def _cpu_s() -> float:
@@ -53,16 +52,17 @@ def main() -> None:
         del dataset
 
         start, cpu_start = time.perf_counter(), _cpu_s()
-        result = prepare(ws, p.data)
+        result = prepare(p.data, ws)
         prepare_s, prepare_cpu_s = time.perf_counter() - start, _cpu_s() - cpu_start
 
         start = time.perf_counter()
-        from tasks import data_contract, validate
+        from tasks import validate
+        from tasks.data import contract as data_contract
 
         data_contract.import_gx()
         import_s = time.perf_counter() - start
         start = time.perf_counter()
-        validate.validate(ws, dataclasses.replace(p))
+        validate.validate(params_module.sections(validate.ValidateSections, p), ws)
         validate_s = time.perf_counter() - start
 
     print(f"images: {n} ({p.data.image_size}x{p.data.image_size}x{p.data.channels} PNG)")

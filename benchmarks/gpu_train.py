@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from tasks import params
-from tasks.models import build_model
 from tasks.paths import Workspace
-from tasks.train import train
+from tasks.train import TrainSections, train
+from tasks.training.models import build_model
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets, without sparsity), matched on the
 # device name torch reports. FLOP/s.
@@ -123,7 +123,7 @@ def main() -> int:
             data = f"CIFAR-shaped synthetic ({SYNTHETIC_TRAIN} + {SYNTHETIC_TEST} images; no CIFAR-10 in {source.root})"
             synthetic_cifar(ws)
         start = time.perf_counter()
-        result = train(p, m, ws)
+        result = train(TrainSections(model=m, train=p, registry=loaded.registry), ws)
         wall = time.perf_counter() - start
         with ws.train_history.open() as fh:
             history = list(csv.DictReader(fh))

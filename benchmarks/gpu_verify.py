@@ -36,26 +36,29 @@ def untrained_candidate(ws: Workspace, n_test: int = 512) -> None:
     """A real ResNet-18 candidate.pt in the documented format plus random test images."""
     import torch
 
-    from tasks.models import build_model
+    from tasks.training.candidate import Candidate, save_candidate
+    from tasks.training.models import build_model
 
     torch.manual_seed(0)
     classes = [f"class{i}" for i in range(10)]
-    ws.models.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": build_model("resnet18", "cifar", 10, 3).state_dict(),
-            "arch": "resnet18",
-            "stem": "cifar",
-            "num_classes": 10,
-            "in_channels": 3,
-            "image_size": 32,
-            "classes": classes,
-            "normalization": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]},
-            "params": {},
-            "device": "cuda",
-            "metrics": {},
-        },
-        ws.candidate_weights,
+    save_candidate(
+        ws.candidate,
+        Candidate(
+            state_dict=build_model("resnet18", "cifar", 10, 3).state_dict(),
+            arch="resnet18",
+            stem="cifar",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            classes=classes,
+            normalization={"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]},
+            params={},
+            device="cuda",
+            device_name="untrained",
+            weights_source="random initialisation",
+            data_digest="none",
+            metrics={},
+        ),
     )
     rng = np.random.default_rng(0)
     ws.prepared.mkdir(parents=True, exist_ok=True)
@@ -94,16 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
+    from tasks.blessing.onnx_session import open_session
+    from tasks.blessing.reports import VerificationReport
     from tasks.export import export
-    from tasks.models import Deployable
-    from tasks.runtime import open_session
-    from tasks.verify import VerificationFailed, batch_of, throughput, verify
+    from tasks.training.candidate import Deployable
+    from tasks.verify import VerificationFailed, VerifySections, batch_of, throughput, verify
 
     tmp = tempfile.TemporaryDirectory(prefix="gpu_verify-")
     ws = Workspace(Path(tmp.name))  # a scratch copy: the source workspace's DVC outputs stay as they are
     if args.workspace:
         source = Workspace(args.workspace.resolve())
-        for path in (source.candidate_weights, source.images("test"), source.labels("test"), source.classes):
+        for path in (source.candidate, source.images("test"), source.labels("test"), source.classes):
             target = ws.root / path.relative_to(source.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
@@ -119,39 +123,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(p.export, ws)
         try:
-            report = verify(p, ws)
+            report = verify(params_mod.sections(VerifySections, p), ws)
         except VerificationFailed as exc:  # still print the numbers that failed
             print(f"gpu_verify: {exc}", file=sys.stderr)
-            report = json.loads(ws.verification.read_text())
+            report = VerificationReport.read(ws.verification, "verify")
         session = open_session(ws.onnx_model, "cuda")
     except RuntimeUnavailable as exc:
         print(f"gpu_verify: onnxruntime cannot run on CUDA here: {exc}. Nothing was measured.", file=sys.stderr)
         return 2
-    model = Deployable.from_candidate(ws.candidate_weights).cuda().eval()
+    model = Deployable.from_candidate(ws.candidate).cuda().eval()
     speed = {}
     for batch in BATCHES:
         images, _ = batch_of(np.load(ws.images("test")), batch)
-        ort = throughput(session, images, args.runs)["images_per_s"]
+        ort = throughput(session, images, args.runs).images_per_s
         eager = torch_images_per_s(model, images, args.runs)
         speed[batch] = {"onnxruntime_images_per_s": ort, "torch_eager_images_per_s": eager, "ratio": ort / eager}
 
-    v = report["versions"]
+    v = report.versions
     print(
-        f"device: {v['gpu']} (driver {v['driver']}, CUDA {v['cuda']}, cuDNN {v['cudnn']});"
-        f" torch {v['torch']}, onnxruntime {v['onnxruntime']}; provider active: {report['provider_active']}"
+        f"device: {v.gpu} (driver {v.driver}, CUDA {v.cuda}, cuDNN {v.cudnn});"
+        f" torch {v.torch}, onnxruntime {v.onnxruntime}; provider active: {report.provider_active}"
     )
-    for entry in report["parity"]:
+    for entry in report.parity:
         print(
-            f"parity fp32 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
-            f" top-1 agreement {entry['top1_agreement']:.4f}"
+            f"parity fp32 batch {entry.batch:>3}: max abs diff {entry.max_abs_diff:.2e},"
+            f" top-1 agreement {entry.top1_agreement:.4f}"
         )
-    if report["fp16"]:
-        for entry in report["fp16"]["parity"]:
+    if report.fp16 is not None:
+        for entry in report.fp16.parity:
             print(
-                f"parity fp16 batch {entry['batch']:>3}: max abs diff {entry['max_abs_diff']:.2e},"
-                f" top-1 agreement {entry['top1_agreement']:.4f}"
+                f"parity fp16 batch {entry.batch:>3}: max abs diff {entry.max_abs_diff:.2e},"
+                f" top-1 agreement {entry.top1_agreement:.4f}"
             )
-    print(f"latency batch 1: p50 {report['latency_ms']['p50']:.3f} ms, p95 {report['latency_ms']['p95']:.3f} ms")
+    print(f"latency batch 1: p50 {report.latency_ms.p50:.3f} ms, p95 {report.latency_ms.p95:.3f} ms")
     for batch, s in speed.items():
         print(
             f"throughput batch {batch:>3}: onnxruntime {s['onnxruntime_images_per_s']:,.0f} images/s,"
@@ -159,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = PROJECT / "benchmarks" / "out" / "gpu_verify.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"verification": report, "throughput": speed}, indent=2) + "\n")
-    print(f"passed: {report['passed']}; full report in {out}")
-    return 0 if report["passed"] else 1
+    out.write_text(json.dumps({"verification": report.to_json(), "throughput": speed}, indent=2) + "\n")
+    print(f"passed: {report.passed}; full report in {out}")
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from tasks.augment import DeviceSplit, channel_stats
 from tasks.params import AugmentParams
+from tasks.training.augment import DeviceSplit, channel_stats
 
 SIZE = 32  # px, CIFAR-10
 

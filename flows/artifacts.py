@@ -10,14 +10,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.blessing.reports import MetricsReport, VerificationReport
+from tasks.data.reports import ValidationReport
+from tasks.fs.records import Record
 from tasks.paths import Workspace
 
 if TYPE_CHECKING:
-    from tasks.promote import PromotionDecision
+    from tasks.blessing.decision import PromotionDecision
+    from tasks.registry.status import RegistryStatus
+
+R = TypeVar("R", bound=Record)
 
 VALIDATION_KEY = "validation-summary"
 METRICS_KEY = "metrics"
@@ -27,15 +33,11 @@ PRODUCTION_KEY = "production"
 EXAMPLES_SHOWN = 3  # example paths per failed expectation
 
 
-def _read(path: Path, since: float | None) -> dict[str, Any] | None:
+def _read(cls: type[R], path: Path, stage: str, since: float | None) -> R | None:
     """The report at ``path``; None when absent, or older than ``since`` (left by an earlier run)."""
     if not path.is_file() or (since is not None and path.stat().st_mtime < since):
         return None
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return report if isinstance(report, dict) else None
+    return cls.read(path, stage)
 
 
 def _cell(value: Any) -> Any:
@@ -58,64 +60,61 @@ def flatten(report: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
     return rows
 
 
-def validation_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+def validation_table(report: ValidationReport) -> list[dict[str, Any]]:
     rows = [
-        {"check": c.get("name"), "result": "pass" if c.get("success") else "FAIL", "observed": _cell(c.get("observed"))}
-        for c in report.get("checks", [])
+        {"check": c.name, "result": "pass" if c.success else "FAIL", "observed": _cell(c.observed)}
+        for c in report.checks
     ]
-    for failure in report.get("failures", []):
-        examples = ", ".join(str(e) for e in (failure.get("examples") or [])[:EXAMPLES_SHOWN])
-        where = failure.get("column") or failure.get("check") or ""
+    for failure in report.failures:
+        examples = ", ".join(failure.examples[:EXAMPLES_SHOWN])
+        where = failure.column or failure.check
         rows.append(
             {
-                "check": f"{failure.get('expectation')} ({where})" if where else failure.get("expectation"),
+                "check": f"{failure.expectation} ({where})" if where else failure.expectation,
                 "result": "FAIL",
-                "observed": f"{failure.get('unexpected_count')} unexpected" + (f", e.g. {examples}" if examples else ""),
+                "observed": f"{failure.unexpected_count} unexpected" + (f", e.g. {examples}" if examples else ""),
             }
         )
     return rows
 
 
-def validation_description(report: dict[str, Any]) -> str:
-    profile = report.get("data_profile") or {}
-    verdict = "passed" if report.get("success") else f"FAILED ({len(report.get('failures', []))} expectations)"
+def validation_description(report: ValidationReport) -> str:
+    profile = report.data_profile
+    verdict = "passed" if report.success else f"FAILED ({len(report.failures)} expectations)"
     return (
-        f"Data validation {verdict}: {profile.get('n_train', '?')} train / {profile.get('n_test', '?')} test"
-        f" images, content hash {profile.get('content_hash', '?')}"
+        f"Data validation {verdict}: {profile.n_train} train / {profile.n_test} test"
+        f" images, content hash {profile.content_hash}"
     )
 
 
-def metrics_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [
-        {"class": name, **{k: _cell(v) for k, v in scores.items()}}
-        for name, scores in (report.get("per_class") or {}).items()
-    ]
-    rows.append({"class": "(all)", "precision": "", "recall": "", "f1": _cell(report.get("macro_f1")), "support": report.get("n_test")})
+def metrics_table(report: MetricsReport) -> list[dict[str, Any]]:
+    rows = [{"class": name, **{k: _cell(v) for k, v in scores.to_json().items()}} for name, scores in report.per_class.items()]
+    rows.append({"class": "(all)", "precision": "", "recall": "", "f1": _cell(report.macro_f1), "support": report.n_test})
     return rows
 
 
-def metrics_description(report: dict[str, Any]) -> str:
-    gate = report.get("gate") or {}
-    floor = "passed" if gate.get("passed") else "FAILED: " + "; ".join(gate.get("failures", []))
+def metrics_description(report: MetricsReport) -> str:
+    gate = report.gate
+    floor = "passed" if gate.passed else "FAILED: " + "; ".join(gate.failures)
     return (
-        f"Test accuracy {report.get('accuracy', float('nan')):.4f} on {report.get('n_test')} images,"
-        f" macro F1 {report.get('macro_f1', float('nan')):.4f}; accuracy floor {gate.get('min_accuracy')} {floor}"
+        f"Test accuracy {report.accuracy:.4f} on {report.n_test} images,"
+        f" macro F1 {report.macro_f1:.4f}; accuracy floor {gate.min_accuracy} {floor}"
     )
 
 
-def floor_markdown(report: dict[str, Any]) -> str:
+def floor_markdown(report: MetricsReport) -> str:
     """The gate decision when the candidate already failed the evaluate floor (promotion never ran)."""
-    gate = report.get("gate") or {}
+    gate = report.gate
+    min_recall = min((c.recall for c in report.per_class.values()), default=float("nan"))
     lines = [
         "## Gate decision: REJECTED at evaluate (accuracy floor)",
         "",
         "| check | value | required |",
         "| --- | --- | --- |",
-        f"| accuracy | {report.get('accuracy', float('nan')):.4f} | >= {gate.get('min_accuracy')} |",
-        f"| min class recall | {min((c.get('recall', 0.0) for c in (report.get('per_class') or {}).values()), default=float('nan')):.4f}"
-        f" | >= {gate.get('min_class_recall')} |",
+        f"| accuracy | {report.accuracy:.4f} | >= {gate.min_accuracy} |",
+        f"| min class recall | {min_recall:.4f} | >= {gate.min_class_recall} |",
         "",
-        *(f"- {failure}" for failure in gate.get("failures", [])),
+        *(f"- {failure}" for failure in gate.failures),
         "",
         "Production is unchanged.",
     ]
@@ -123,27 +122,27 @@ def floor_markdown(report: dict[str, Any]) -> str:
 
 
 def _publish_validation(ws: Workspace, since: float | None) -> None:
-    if (report := _read(ws.validation, since)) is not None:
+    if (report := _read(ValidationReport, ws.validation, "validate", since)) is not None:
         create_table_artifact(validation_table(report), key=VALIDATION_KEY, description=validation_description(report))
 
 
 def _publish_metrics(ws: Workspace, since: float | None) -> None:
-    if (report := _read(ws.metrics, since)) is None:
+    if (report := _read(MetricsReport, ws.metrics, "evaluate", since)) is None:
         return
     create_table_artifact(metrics_table(report), key=METRICS_KEY, description=metrics_description(report))
-    if not (report.get("gate") or {}).get("passed", True):
+    if not report.gate.passed:
         create_markdown_artifact(floor_markdown(report), key=GATE_KEY, description="candidate rejected by the floor")
 
 
 def _publish_verification(ws: Workspace, since: float | None) -> None:
-    if (report := _read(ws.verification, since)) is None:
+    if (report := _read(VerificationReport, ws.verification, "verify", since)) is None:
         return
-    verdict = "passed" if report.get("passed") else "FAILED"
-    cuda = "CUDA verified" if report.get("cuda_verified") else "CUDA NOT verified"
+    verdict = "passed" if report.passed else "FAILED"
+    cuda = "CUDA verified" if report.cuda_verified else "CUDA NOT verified"
     create_table_artifact(
-        flatten(report),
+        flatten(report.to_json()),
         key=VERIFICATION_KEY,
-        description=f"ONNX verification {verdict} on {report.get('provider_active')} ({cuda})",
+        description=f"ONNX verification {verdict} on {report.provider_active} ({cuda})",
     )
 
 
@@ -164,21 +163,20 @@ def publish_decision(decision: PromotionDecision) -> None:
     create_markdown_artifact(decision.to_markdown(), key=GATE_KEY, description=decision.summary)
 
 
-def production_markdown(status: dict[str, Any], changed: bool) -> str:
-    production = status.get("production")
+def production_markdown(status: RegistryStatus, changed: bool) -> str:
+    production = status.production
     if production is None:
         return "## Production: none\n\nNo model has been promoted in this registry yet."
-    accuracy = (production.get("metrics") or {}).get("accuracy")
     return "\n".join(
         [
-            f"## Production: version {production.get('version')}"
+            f"## Production: version {production.version}"
             + (" (promoted by this run)" if changed else " (unchanged by this run)"),
             "",
-            f"- model: `{production.get('model_path')}`",
-            f"- test accuracy: {accuracy:.4f}" if isinstance(accuracy, float) else "- test accuracy: unknown",
+            f"- model: `{production.model_path}`",
+            f"- test accuracy: {production.metrics.accuracy:.4f}",
         ]
     )
 
 
-def publish_production(status: dict[str, Any], changed: bool) -> None:
+def publish_production(status: RegistryStatus, changed: bool) -> None:
     create_markdown_artifact(production_markdown(status, changed), key=PRODUCTION_KEY, description="production model")

@@ -23,6 +23,8 @@ from tasks.paths import Workspace
 if TYPE_CHECKING:
     from prefect.states import State
 
+    from tasks.registry.status import RegistryStatus
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 HISTORY_SHOWN = 5  # history entries `visionops status` prints
 EPHEMERAL_STARTUP_S = 180  # s the temporary Prefect server may take to start
@@ -105,7 +107,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     ws = _workspace(args)
     params = _params(ws)
     with _locked(ws, params, "ingest"):
-        result = ingest(ws, params.data, args.source)
+        result = ingest(params.data, ws, args.source)
         if args.source is not None and args.source != params.data.source:
             # data.source records where data/ came from, so the next pipeline run ingests the same.
             params_module.write_overrides(ws.params_file, {"data.source": args.source})
@@ -122,7 +124,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     params = _params(ws)
     with _locked(ws, params, "promote"):
         try:
-            decision = promote(ws, params)
+            decision = promote(params, ws)
         except GateRejected as exc:
             if (rejected := getattr(exc, "decision", None)) is not None:
                 print(rejected.to_markdown())
@@ -140,20 +142,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_status(status: dict[str, Any]) -> str:
-    production = status.get("production")
+def format_status(status: RegistryStatus) -> str:
+    production = status.production
     if production is None:
         lines = ["production: none (nothing promoted yet: run `visionops quickstart` or `visionops run`)"]
     else:
-        metrics = production.get("metrics") or {}
-        lines = [f"production: version {production.get('version')}", f"  model: {production.get('model_path')}"]
-        lines += [f"  {name}: {value}" for name, value in metrics.items()]
+        fields = production.to_json()
+        lines = [f"production: version {production.version}", f"  model: {production.model_path}"]
+        lines += [f"  {name}: {value}" for name, value in fields["metrics"].items()]
         lines += [
             f"  {key}: {value}"
-            for key, value in production.items()
+            for key, value in fields.items()
             if key not in ("version", "model_path", "metrics") and not isinstance(value, dict | list)
         ]
-    history = status.get("history") or []
+    history = status.history
     if history:
         lines.append(f"history (last {min(len(history), HISTORY_SHOWN)}):")
         lines += [f"  {json.dumps(entry, sort_keys=True)}" for entry in history[-HISTORY_SHOWN:]]
@@ -165,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ws = _workspace(args)
     status = Registry.open(ws, _params(ws).registry).status()
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(json.dumps(status.to_json(), indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
@@ -173,12 +175,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
     ws = _workspace(args)
-    results = predict(ws, _params(ws), [Path(p) for p in args.images])
+    results = predict(_params(ws).registry, ws, [Path(p) for p in args.images])
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([r.to_json() for r in results], indent=2))
     else:
         for r in results:
-            print(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}")
+            print(f"{r.path}\t{r.label}\t{r.probability:.4f}")
     return EXIT_OK
 
 

@@ -8,8 +8,9 @@ the stage and its error.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -17,28 +18,48 @@ from prefect.states import Completed, State
 
 from flows import artifacts
 from flows.overrides import check_overrides
-from flows.stages import REJECTED, StageRun, dvc_stage, dvc_stages, ingest_data, promote_candidate, raise_if_rejected
+from flows.stages import (
+    REJECTED,
+    StageRun,
+    dvc_stage,
+    dvc_stages,
+    ingest_data,
+    promote_candidate,
+    raise_if_rejected,
+)
 from flows.workspace_lock import workspace_lock
 from tasks.errors import GateRejected
 from tasks.params import Params, write_overrides
 from tasks.paths import Workspace
 
+if TYPE_CHECKING:
+    from tasks.registry.status import RegistryStatus
+
 FLOW_NAME = "training-pipeline"
 
 
-def production_status(ws: Workspace, params: Params) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunSummary:
+    """What a completed (not rejected) run returns: production after it, and where the time went."""
+
+    production_version: int | None
+    model_path: str | None
+    stage_seconds: dict[str, float]  # per pipeline step, a DVC stage's own process time
+    flow_seconds: float  # the whole run, lock wait excluded
+
+
+def production_status(ws: Workspace, params: Params) -> RegistryStatus:
     from tasks.registry import Registry
 
     return Registry.open(ws, params.registry).status()
 
 
-def _production_version(status: dict[str, Any]) -> int | None:
-    production = status.get("production")
-    return None if production is None else production.get("version")
+def _production_version(status: RegistryStatus) -> int | None:
+    return None if status.production is None else status.production.version
 
 
 @flow(name=FLOW_NAME, description="Ingest, validate, train, evaluate, export, verify and promote, through DVC.")
-def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | None = None) -> dict[str, Any] | State:
+def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | None = None) -> RunSummary | State:
     """Run the pipeline in ``workspace`` (default: the current directory).
 
     ``overrides`` maps dotted params.yaml keys to values, as ``dvc exp run -S`` does: they are
@@ -66,13 +87,13 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
             return Completed(name=REJECTED, message=f"{exc} (production unchanged: version {before})")
         status = production_status(ws, params)
         artifacts.publish_production(status, changed=_production_version(status) != before)
-    production = status.get("production") or {}
-    return {
-        "production_version": production.get("version"),
-        "model_path": production.get("model_path"),
-        "stage_seconds": clock.seconds,
-        "flow_seconds": clock.report(log, time.monotonic() - started),
-    }
+    production = status.production
+    return RunSummary(
+        production_version=None if production is None else production.version,
+        model_path=None if production is None else production.model_path,
+        stage_seconds=clock.seconds,
+        flow_seconds=clock.report(log, time.monotonic() - started),
+    )
 
 
 class StageClock:

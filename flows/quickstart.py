@@ -7,12 +7,13 @@ which onnxruntime provider verified, and never claims a CUDA verification it did
 from __future__ import annotations
 
 import ctypes
-import json
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.paths import Workspace
+
+if TYPE_CHECKING:
+    from flows.pipeline import RunSummary
 
 # Synthetic data and epochs small enough for a 2-core CPU in a few minutes, still above the gate.
 QUICKSTART_OVERRIDES: dict[str, Any] = {
@@ -53,29 +54,22 @@ def quickstart_overrides(cuda: bool, extra: Mapping[str, Any]) -> tuple[dict[str
     return overrides, notes
 
 
-def _report(path: Path) -> dict[str, Any]:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return report if isinstance(report, dict) else {}
-
-
-def closing_report(ws: Workspace, summary: Mapping[str, Any], wall_s: float) -> str:
+def closing_report(ws: Workspace, summary: RunSummary, wall_s: float) -> str:
     """What trained where, what was verified on which provider, what is in production, how long."""
-    train = _report(ws.train_summary)
-    verification = _report(ws.verification)
-    in_stages = sum(summary.get("stage_seconds", {}).values())
-    outside = max(wall_s - in_stages, 0.0)
+    from tasks.blessing.reports import TrainReport, VerificationReport
+
+    train = TrainReport.read(ws.train_summary, "train")
+    verification = VerificationReport.read(ws.verification, "verify")
+    outside = max(wall_s - sum(summary.stage_seconds.values()), 0.0)
     lines = [
-        f"trained on:     {train.get('device_name') or train.get('device') or 'unknown (no reports/train.json)'}",
-        f"verified with:  onnxruntime {verification.get('provider_active', 'unknown provider')}",
+        f"trained on:     {train.device_name}",
+        f"verified with:  onnxruntime {verification.provider_active}",
     ]
-    if not verification.get("cuda_verified"):
+    if not verification.cuda_verified:
         lines.append("CUDA was not verified: the model was verified on the CPU only")
     lines += [
-        f"production:     version {summary.get('production_version')}",
-        f"model:          {summary.get('model_path')}",
+        f"production:     version {summary.production_version}",
+        f"model:          {summary.model_path}",
         f"wall time:      {wall_s:.0f} s, of which {outside:.0f} s ({100 * outside / wall_s:.0f}%) outside"
         " stage processes (Prefect server and imports, task bookkeeping)",
     ]

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import TaskRun
     from prefect.tasks import Task
 
+    from tasks.blessing.decision import PromotionDecision
     from tasks.ingest import IngestResult
-    from tasks.promote import PromotionDecision
 
 TAIL_LINES = 30  # lines of a failed stage's output kept for its error message
 INGEST_RETRIES = 3  # on top of the downloader's own quick retries: waits of 60, 120, 240 s
@@ -176,7 +176,7 @@ def dvc_stage(ws: Workspace, stage: str) -> StageRun | State[Any]:
 
 def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry ingestion only for network failures that may pass (timeouts, resets, 5xx)."""
-    from tasks.downloads import TransientDownloadError
+    from tasks.data.downloads import TransientDownloadError
 
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, TransientDownloadError)
@@ -194,7 +194,7 @@ def ingest_data(ws: Workspace, params: Params) -> IngestResult:
     """A new version of data/ from ``data.source`` (unchanged content leaves data.dvc as it is)."""
     from tasks.ingest import ingest
 
-    result = ingest(ws, params.data)
+    result = ingest(params.data, ws)
     get_run_logger().info(
         "data/ from %s: %s (md5 %s)", result.source, "updated" if result.changed else "unchanged", result.md5
     )
@@ -207,7 +207,7 @@ def promote_candidate(ws: Workspace, params: Params) -> PromotionDecision | Stat
     from tasks.promote import promote
 
     try:
-        decision = promote(ws, params)
+        decision = promote(params, ws)
     except GateRejected as exc:
         if (refused := getattr(exc, "decision", None)) is not None:
             artifacts.publish_decision(refused)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.errors import VisionopsError
-from tasks.flock import LockTimeout, acquire_exclusive
+from tasks.fs.flock import LockTimeout, acquire_exclusive
 from tasks.paths import Workspace
 
 POLL_S = 1.0  # how often a waiting run retries the lock

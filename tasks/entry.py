@@ -1,4 +1,9 @@
-"""The thin ``python -m tasks.<stage>`` entry shared by every stage: logging and exit codes."""
+"""The stage contract: what a dvc.yaml stage declares (`StageSpec`), and its ``python -m`` entry.
+
+Every stage is ``stage(p, ws) -> Result``: ``p`` holds only the params.yaml sections it reads,
+``ws`` is the workspace. Its module declares ``SPEC``; tests/test_dvc_yaml.py holds dvc.yaml's
+deps, outs and params to that declaration and to the stage's import closure.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,23 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from tasks.errors import VisionopsError
+from tasks.paths import Workspace
 
 log = logging.getLogger("visionops")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one dvc.yaml stage reads and writes, in the workspace and in params.yaml."""
+
+    name: str
+    params: tuple[str, ...]  # params.yaml keys it reads (sections or dotted keys), as dvc.yaml lists them
+    reads: Callable[[Workspace], list[Path]]  # the data it depends on
+    writes: Callable[[Workspace], list[Path]]  # its DVC outputs: outs, metrics and plots
 
 
 def configure_logging() -> None:

@@ -10,13 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.atomic import atomic_write_json
-from tasks.downloads import file_digest
+from tasks import params
+from tasks.blessing.reports import (
+    ExportReport,
+    Fp16Export,
+    InputContract,
+    Normalization,
+    OutputContract,
+)
+from tasks.entry import StageSpec, run_stage
 from tasks.errors import VisionopsError
+from tasks.fs.hashing import file_digest
 from tasks.params import ExportParams
 from tasks.paths import Workspace
 
@@ -35,26 +42,18 @@ class ExportFailed(VisionopsError):
     """torch.onnx could not export the candidate, or onnx.checker rejected the result."""
 
 
-@dataclass(frozen=True)
-class ExportResult:
-    model: Path
-    fp16_model: Path | None
-    contract: dict[str, Any]  # the content of export/export.json
-
-
-def input_contract(meta: dict[str, Any]) -> dict[str, Any]:
+def input_contract(channels: int, image_size: int) -> InputContract:
     """What a consumer must feed the model: the same fields go to config.pbtxt and the card."""
-    c, s = int(meta["in_channels"]), int(meta["image_size"])
-    return {
-        "name": INPUT_NAME,
-        "dtype": "uint8",
-        "layout": "NCHW",
-        "shape": [BATCH_DIM, c, s, s],
-        "channels": c,
-        "image_size": s,
-        "color": "grayscale" if c == 1 else "RGB",
-        "scale": "raw 0..255 pixels; scaling and normalisation are inside the graph",
-    }
+    return InputContract(
+        name=INPUT_NAME,
+        dtype="uint8",
+        layout="NCHW",
+        shape=[BATCH_DIM, channels, image_size, image_size],
+        channels=channels,
+        image_size=image_size,
+        color="grayscale" if channels == 1 else "RGB",
+        scale="raw 0..255 pixels; scaling and normalisation are inside the graph",
+    )
 
 
 def _half(classifier: nn.Module) -> nn.Module:
@@ -106,7 +105,7 @@ def export_onnx(module: nn.Module, example: Any, out: Path, opset: int) -> str:
             )
             program.save(str(tmp))
             exporter = "dynamo"
-        except Exception as exc:  # noqa: BLE001 - any exporter failure falls back, and is logged
+        except Exception as exc:
             log.warning(
                 "torch.onnx dynamo export failed (%s: %s); using the TorchScript exporter", type(exc).__name__, exc
             )
@@ -135,68 +134,66 @@ def export_onnx(module: nn.Module, example: Any, out: Path, opset: int) -> str:
     return exporter
 
 
-def export(p: ExportParams, ws: Workspace) -> ExportResult:
+SPEC = StageSpec(
+    "export",
+    params=("export",),
+    reads=lambda ws: [ws.candidate, ws.metrics],
+    writes=lambda ws: [ws.exported],
+)
+
+
+def export(p: ExportParams, ws: Workspace) -> ExportReport:
     """Export the candidate (and its fp16 variant when ``export.fp16``) and write export.json."""
     import torch
 
-    from tasks.models import Deployable, load_candidate
+    from tasks.training.candidate import Deployable, load_candidate
 
-    classifier, meta = load_candidate(ws.candidate_weights)
-    norm = meta["normalization"]
-    contract_in = input_contract(meta)
-    c, s = contract_in["channels"], contract_in["image_size"]
+    candidate = load_candidate(ws.candidate)
+    contract_in = input_contract(candidate.in_channels, candidate.image_size)
+    c, s = contract_in.channels, contract_in.image_size
     # Batch 2: torch.export specialises a dimension seen as 0 or 1.
     example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     log.info(
         "exporting %s (%s, %d classes, %dx%dx%d) at opset %d",
-        ws.candidate_weights,
-        meta["arch"],
-        meta["num_classes"],
-        c,
-        s,
-        s,
-        p.opset,
+        ws.candidate, candidate.arch, candidate.num_classes, c, s, s, p.opset,
     )
-    exporter = export_onnx(Deployable(classifier, norm["mean"], norm["std"]).eval(), example, ws.onnx_model, p.opset)
-    fp16: dict[str, Any] | None = None
+    exporter = export_onnx(Deployable.of(candidate), example, ws.onnx_model, p.opset)
+    fp16: Fp16Export | None = None
     if p.fp16:
-        half = Deployable(_half(load_candidate(ws.candidate_weights)[0]), norm["mean"], norm["std"]).eval()
+        half = Deployable.of(candidate, _half(candidate.classifier()))
         fp16_exporter = export_onnx(half, example, ws.onnx_model_fp16, p.opset)
-        fp16 = {"path": ws.onnx_model_fp16.name, "sha256": file_digest(ws.onnx_model_fp16), "exporter": fp16_exporter}
+        fp16 = Fp16Export(path=ws.onnx_model_fp16.name, sha256=file_digest(ws.onnx_model_fp16), exporter=fp16_exporter)
     else:
         ws.onnx_model_fp16.unlink(missing_ok=True)  # a stale fp16 file must not outlive its setting
-    contract = {
-        "model": ws.onnx_model.name,
-        "sha256": file_digest(ws.onnx_model),
-        "candidate_sha256": file_digest(ws.candidate_weights),
-        "opset": p.opset,
-        "exporter": exporter,
-        "torch": torch.__version__,
-        "input": contract_in,
-        "output": {
-            "name": OUTPUT_NAME,
-            "dtype": "float32",
-            "shape": [BATCH_DIM, int(meta["num_classes"])],
-            "meaning": "softmax probabilities, index = class (classes)",
-        },
-        "classes": list(meta["classes"]),
-        "normalization": {"mean": list(norm["mean"]), "std": list(norm["std"]), "baked_in": True},
-        "arch": meta["arch"],
-        "stem": meta["stem"],
-        "fp16": fp16,
-    }
-    atomic_write_json(ws.export_report, contract)
-    log.info("wrote %s (%s exporter, sha256 %s)", ws.onnx_model, exporter, contract["sha256"][:12])
-    return ExportResult(ws.onnx_model, ws.onnx_model_fp16 if fp16 else None, contract)
+    norm = candidate.normalization
+    report = ExportReport(
+        model=ws.onnx_model.name,
+        sha256=file_digest(ws.onnx_model),
+        candidate_sha256=file_digest(ws.candidate),
+        opset=p.opset,
+        exporter=exporter,
+        torch=torch.__version__,
+        input=contract_in,
+        output=OutputContract(
+            name=OUTPUT_NAME,
+            dtype="float32",
+            shape=[BATCH_DIM, candidate.num_classes],
+            meaning="softmax probabilities, index = class (classes)",
+        ),
+        classes=list(candidate.classes),
+        normalization=Normalization(mean=list(norm["mean"]), std=list(norm["std"]), baked_in=True),
+        arch=candidate.arch,
+        stem=candidate.stem,
+        fp16=fp16,
+    )
+    report.write(ws.export_report)
+    log.info("wrote %s (%s exporter, sha256 %s)", ws.onnx_model, exporter, report.sha256[:12])
+    return report
 
 
-def _main() -> None:
-    from tasks import params
-
+def main() -> None:
     export(params.load().export, Workspace.here())
 
 
 if __name__ == "__main__":
-    from tasks.entry import run_stage
-
-    run_stage(_main)
+    run_stage(main)

@@ -17,12 +17,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import downloads, sources, versioning
+from tasks import params
+from tasks.data import downloads, sources, versioning
+from tasks.data.raw import RawDataset, write_split
+from tasks.data.reports import SourceSummary
+from tasks.entry import run_stage
 from tasks.errors import DataError
 from tasks.params import DataParams
 from tasks.paths import SPLITS, Workspace
-from tasks.rawdata import write_split
-from tasks.sources import RawDataset
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,14 @@ def content_sha256(dataset: RawDataset) -> str:
 def _write_data(dataset: RawDataset, folder: Path, checksum: str) -> None:
     for split in SPLITS:
         write_split(dataset.splits[split], folder / f"{split}.parquet")
-    summary = {
-        "source": dataset.source,
-        "checksum": {"content_sha256": checksum},
-        "counts": dataset.counts(),
-        "classes": dataset.class_names(),
-        "details": dataset.details,
-    }
-    (folder / "source.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = SourceSummary(
+        source=dataset.source,
+        checksum={"content_sha256": checksum},
+        counts=dataset.counts(),
+        classes=dataset.class_names(),
+        details=dataset.details,
+    )
+    (folder / "source.json").write_text(json.dumps(summary.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -90,7 +92,7 @@ def _restore(data: Path, previous: Path | None, swapped: bool, dvc_file: Path, p
         dvc_file.write_bytes(previous_dvc)
 
 
-def ingest(ws: Workspace, p: DataParams, source: str | None = None) -> IngestResult:
+def ingest(p: DataParams, ws: Workspace, source: str | None = None) -> IngestResult:
     """Bring ``source`` (default ``data.source``) into data/, ``dvc add`` it and ``dvc push`` it."""
     source = source or p.source
     for stale in ws.root.glob(STAGING_PREFIX + "*"):
@@ -137,15 +139,11 @@ def ingest(ws: Workspace, p: DataParams, source: str | None = None) -> IngestRes
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks import params
-
     parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__)
     parser.add_argument("--source", help="synthetic | cifar10 | class-folder dir, .tar or .zip (path or URL)")
     args = parser.parse_args(argv)
-    ingest(Workspace.here(), params.load().data, args.source)
+    ingest(params.load().data, Workspace.here(), args.source)
 
 
 if __name__ == "__main__":
-    from tasks.entry import run_stage
-
     run_stage(main)

@@ -13,14 +13,15 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
-from tasks.atomic import atomic_write_text
 from tasks.errors import VisionopsError
+from tasks.fs.atomic import atomic_write_text
 
 PARAMS_FILE = "params.yaml"
+T = TypeVar("T")
 
 
 class ConfigError(VisionopsError, ValueError):
@@ -272,6 +273,11 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     return cls(**{n: _coerce(raw[n], hints[n], prefix + n) for n in names})
 
 
+def sections(cls: type[T], params: Params) -> T:
+    """A stage's slice of ``params``: the sections named by ``cls``'s fields (e.g. data, registry)."""
+    return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
 def _lookup(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -345,7 +351,9 @@ def write_overrides(path: Path, overrides: Mapping[str, Any]) -> Params:
     params = parse(apply_overrides(read_raw(path), overrides))
     if not overrides:
         return params
-    from ruamel.yaml import YAML  # round-trip YAML keeps the comments that document units
+    from ruamel.yaml import (
+        YAML,  # round-trip YAML keeps the comments that document units
+    )
 
     rt = YAML()
     rt.preserve_quotes = True
@@ -363,24 +371,25 @@ def write_overrides(path: Path, overrides: Mapping[str, Any]) -> Params:
 
 
 __all__ = [
-    "ConfigError",
-    "Params",
-    "DataParams",
-    "SyntheticParams",
-    "ValidateParams",
-    "DriftParams",
-    "ModelParams",
-    "TrainParams",
     "AugmentParams",
-    "GateParams",
+    "ConfigError",
+    "DataParams",
+    "DriftParams",
     "ExportParams",
-    "VerifyParams",
-    "RegistryParams",
+    "GateParams",
+    "ModelParams",
+    "Params",
     "PromoteParams",
+    "RegistryParams",
     "ScheduleParams",
+    "SyntheticParams",
+    "TrainParams",
+    "ValidateParams",
+    "VerifyParams",
+    "apply_overrides",
     "load",
     "parse",
     "parse_override",
-    "apply_overrides",
+    "sections",
     "write_overrides",
 ]

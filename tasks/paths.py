@@ -89,7 +89,7 @@ class Workspace:
         return self.root / "models"
 
     @property
-    def candidate_weights(self) -> Path:
+    def candidate(self) -> Path:
         """torch checkpoint: state_dict, arch, stem, classes, resolved params."""
         return self.models / "candidate.pt"
 

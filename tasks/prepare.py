@@ -22,11 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import params
+from tasks.data.imaging import convert, decode
+from tasks.data.raw import read_images, read_labels, row_groups
+from tasks.data.reports import CorruptFile, PrepareReport, SplitCounts
+from tasks.entry import StageSpec, run_stage
 from tasks.errors import DataError
-from tasks.imaging import convert, decode
 from tasks.params import DataParams
 from tasks.paths import SPLITS, Workspace
-from tasks.rawdata import read_images, read_labels, row_groups
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,6 @@ class DecodedChunk:
     mean: list[float | None]
     std: list[float | None]
     error: list[str | None]
-
-
-@dataclass(frozen=True)
-class PrepareResult:
-    counts: dict[str, dict[str, int]]  # split -> {"images", "decoded", "corrupt"}
-    corrupt: list[dict[str, str]]  # {"split", "path", "error"}
-    images_per_s: float
 
 
 def _pixel_stats(stacked: np.ndarray) -> tuple[list[float], list[float]]:
@@ -155,7 +151,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
+SPEC = StageSpec(
+    "prepare",
+    params=("data.image_size", "data.channels"),
+    reads=lambda ws: [ws.data],
+    writes=lambda ws: [ws.prepared],
+)
+
+
+def prepare(p: DataParams, ws: Workspace) -> PrepareReport:
     """data/{train,test}.parquet -> prepared/: tensors, labels, classes.json, manifest, report."""
     columns = {split: read_labels(ws.raw_split(split)) for split in SPLITS}
     classes = sorted({name for _paths, names in columns.values() for name in names})
@@ -163,8 +167,8 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
     staging = Path(tempfile.mkdtemp(dir=ws.root, prefix=".prepared-"))
     staging.chmod(0o755)
     manifest: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
-    counts: dict[str, dict[str, int]] = {}
-    corrupt: list[dict[str, str]] = []
+    counts: dict[str, SplitCounts] = {}
+    corrupt: list[CorruptFile] = []
     shapes: dict[str, list[int]] = {}
     start = time.perf_counter()
     total = 0
@@ -188,31 +192,27 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
             for column in ("content_hash", "height", "width", "channels", "mean", "std", "error"):
                 manifest[column] += [v for c in chunks for v in getattr(c, column)]
             errors = [v for c in chunks for v in c.error]
-            bad = [
-                {"split": split, "path": path, "error": err}
-                for path, err in zip(paths, errors, strict=True)
-                if err is not None
-            ]
+            bad = [CorruptFile(split, path, err) for path, err in zip(paths, errors, strict=True) if err is not None]
             corrupt += bad
-            counts[split] = {"images": len(paths), "decoded": int(sum(ok)), "corrupt": len(bad)}
+            counts[split] = SplitCounts(images=len(paths), decoded=int(sum(ok)), corrupt=len(bad))
             total += len(paths)
         seconds = time.perf_counter() - start
         rate = total / max(seconds, 1e-9)
         pq.write_table(pa.table(manifest, schema=MANIFEST_SCHEMA), staging / ws.manifest.name)
         (staging / ws.classes.name).write_text(json.dumps(classes) + "\n")
-        report = {
-            "image_size": p.image_size,
-            "channels": p.channels,
-            "dtype": "uint8",
-            "classes": classes,
-            "counts": counts,
-            "shapes": shapes,
-            "corrupt_count": len(corrupt),
-            "corrupt": corrupt[:MAX_REPORTED_CORRUPT],
-            "seconds": round(seconds, 3),
-            "images_per_s": round(rate, 1),
-        }
-        (staging / ws.prepare_report.name).write_text(json.dumps(report, indent=2) + "\n")
+        report = PrepareReport(
+            image_size=p.image_size,
+            channels=p.channels,
+            dtype="uint8",
+            classes=classes,
+            counts=counts,
+            shapes=shapes,
+            corrupt_count=len(corrupt),
+            corrupt=corrupt[:MAX_REPORTED_CORRUPT],
+            seconds=round(seconds, 3),
+            images_per_s=round(rate, 1),
+        )
+        report.write(staging / ws.prepare_report.name)
         if ws.prepared.exists():
             shutil.rmtree(ws.prepared)
         os.replace(staging, ws.prepared)
@@ -220,18 +220,14 @@ def prepare(ws: Workspace, p: DataParams) -> PrepareResult:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     for item in corrupt[:10]:
-        log.warning("undecodable %s image %s: %s", item["split"], item["path"], item["error"])
+        log.warning("undecodable %s image %s: %s", item.split, item.path, item.error)
     log.info("prepared %d images in %.1f s (%.0f images/s); %d undecodable", total, seconds, rate, len(corrupt))
-    return PrepareResult(counts, corrupt, rate)
+    return report
 
 
 def main() -> None:
-    from tasks import params
-
-    prepare(Workspace.here(), params.load().data)
+    prepare(params.load().data, Workspace.here())
 
 
 if __name__ == "__main__":
-    from tasks.entry import run_stage
-
     run_stage(main)

@@ -7,21 +7,30 @@ counts and example paths, so the pipeline stops before training.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.atomic import atomic_write_json
-from tasks.data_contract import CheckResult, ContractInputs
-from tasks.drift import data_profile, drift_checks
+from tasks import params
+from tasks.data.contract import ContractInputs
+from tasks.data.drift import data_profile, drift_checks
+from tasks.data.reports import (
+    CheckResult,
+    CheckSummary,
+    DataProfile,
+    DriftStatus,
+    PrepareReport,
+    ValidationFailure,
+    ValidationReport,
+)
+from tasks.entry import StageSpec, run_stage
 from tasks.errors import DataError, ValidationFailed
-from tasks.params import Params
+from tasks.params import DataParams, RegistryParams, ValidateParams
 from tasks.paths import SPLITS, Workspace
 
 log = logging.getLogger(__name__)
@@ -75,46 +84,61 @@ def contract_inputs(ws: Workspace, manifest: pd.DataFrame) -> ContractInputs:
     )
 
 
-def _production_profile(ws: Workspace, params: Params) -> tuple[dict[str, Any] | None, str]:
-    """Production's data_profile, or None and why drift cannot be checked."""
-    try:
-        from tasks.registry import Registry
-    except ImportError as exc:
-        return None, f"drift not checked: the model registry is unavailable ({exc})"
-    card = Registry.open(ws, params.registry).production_card()
+def _production_profile(ws: Workspace, p: RegistryParams) -> tuple[DataProfile | None, str]:
+    """Production's data profile, or None and why drift cannot be checked."""
+    from tasks.registry import Registry
+
+    card = Registry.open(ws, p).production_card()
     if card is None:
         return None, "drift not checked: there is no production model yet"
-    # tasks.promote files it under card["data"]; a top-level data_profile is read too.
-    profile = card.get("data_profile") or (card.get("data") or {}).get("data_profile")
-    if not profile:
-        return None, "drift not checked: the production model's card has no data_profile"
-    return profile, "drift checked against the production model's training data"
+    return card.validation.data_profile, "drift checked against the production model's training data"
 
 
-def _failure(check: CheckResult) -> dict[str, Any]:
-    return {
-        "expectation": check.expectation or check.name,
-        "check": check.name,
-        "column": check.column,
-        "unexpected_count": check.unexpected_count,
-        "examples": check.examples,
-        "message": check.message,
-    }
+def _failure(check: CheckResult) -> ValidationFailure:
+    return ValidationFailure(
+        expectation=check.expectation or check.name,
+        check=check.name,
+        column=check.column,
+        unexpected_count=check.unexpected_count,
+        examples=check.examples,
+        message=check.message,
+    )
 
 
-def failure_lines(failures: list[dict[str, Any]]) -> list[str]:
+def failure_lines(failures: list[ValidationFailure]) -> list[str]:
     lines = []
     for f in failures:
-        what = f"{f['check']} ({f['expectation']} on {f['column']})" if f["column"] else f["check"]
-        examples = f"; e.g. {', '.join(f['examples'])}" if f["examples"] else ""
-        lines.append(f"- {what}: {f['unexpected_count']} unexpected: {f['message']}{examples}")
+        what = f"{f.check} ({f.expectation} on {f.column})" if f.column else f.check
+        examples = f"; e.g. {', '.join(f.examples)}" if f.examples else ""
+        lines.append(f"- {what}: {f.unexpected_count} unexpected: {f.message}{examples}")
     return lines
 
 
-def validate(ws: Workspace, params: Params) -> dict[str, Any]:
-    """Run the contract on prepared/; the validation.json summary, or :class:`ValidationFailed`."""
+@dataclass(frozen=True)
+class ValidateSections:
+    """The params.yaml sections validate reads."""
+
+    data: DataParams
+    validate: ValidateParams
+    registry: RegistryParams
+
+
+SPEC = StageSpec(
+    "validate",
+    params=("data.image_size", "data.channels", "validate", "registry.uri", "registry.model_name"),
+    reads=lambda ws: [
+        ws.manifest,
+        ws.prepare_report,
+        *(path for split in SPLITS for path in (ws.images(split), ws.labels(split))),
+    ],
+    writes=lambda ws: [ws.data_docs, ws.validation],
+)
+
+
+def validate(p: ValidateSections, ws: Workspace) -> ValidationReport:
+    """Run the contract on prepared/; the validation report, or :class:`ValidationFailed`."""
     started = time.perf_counter()
-    from tasks import data_contract
+    from tasks.data import contract as data_contract
 
     data_contract.import_gx()
     imported = time.perf_counter()
@@ -122,45 +146,41 @@ def validate(ws: Workspace, params: Params) -> dict[str, Any]:
     inputs = contract_inputs(ws, manifest)
     if ws.data_docs.exists():
         shutil.rmtree(ws.data_docs)  # Data Docs of earlier runs would list stale results
-    checks = data_contract.run(params.validate, params.data.image_size, params.data.channels, inputs, ws.data_docs)
+    checks = data_contract.run(p.validate, p.data.image_size, p.data.channels, inputs, ws.data_docs)
     profile = data_profile(manifest)
-    production, drift_message = _production_profile(ws, params)
+    production, drift_message = _production_profile(ws, p.registry)
     if production is not None:
-        for d in drift_checks(profile, production, params.validate.drift):
+        for d in drift_checks(profile, production, p.validate.drift):
             checks.append(
                 CheckResult(d.name, d.success, {"value": d.observed, "max": d.threshold},
                             unexpected_count=0 if d.success else 1, message=d.message)
             )
     log.info(drift_message)
     failures = [_failure(c) for c in checks if not c.success]
-    summary = {
-        "success": not failures,
-        "failures": failures,
-        "checks": [{"name": c.name, "success": c.success, "observed": c.observed} for c in checks],
-        "data_profile": profile,
-        "drift": {"checked": production is not None, "message": drift_message},
-        "counts": json.loads(ws.prepare_report.read_text())["counts"] if ws.prepare_report.is_file() else {},
-        "data_docs": str((ws.data_docs / "index.html").relative_to(ws.root)),
-        "details": [asdict(c) for c in checks],
-    }
-    atomic_write_json(ws.validation, summary)
+    report = ValidationReport(
+        success=not failures,
+        failures=failures,
+        checks=[CheckSummary(c.name, c.success, c.observed) for c in checks],
+        data_profile=profile,
+        drift=DriftStatus(checked=production is not None, message=drift_message),
+        counts=PrepareReport.read(ws.prepare_report, "prepare").counts,
+        data_docs=str((ws.data_docs / "index.html").relative_to(ws.root)),
+        details=checks,
+    )
+    report.write(ws.validation)
     log.info("validated %d images with %d checks in %.1f s (+ %.1f s importing Great Expectations); Data Docs: %s",
-             len(manifest), len(checks), time.perf_counter() - imported, imported - started, summary["data_docs"])
+             len(manifest), len(checks), time.perf_counter() - imported, imported - started, report.data_docs)
     if failures:
         raise ValidationFailed(
             f"data validation failed: {len(failures)} of {len(checks)} checks\n" + "\n".join(failure_lines(failures))
             + f"\nsee {ws.validation} and {ws.data_docs / 'index.html'}"
         )
-    return summary
+    return report
 
 
 def main() -> None:
-    from tasks import params
-
-    validate(Workspace.here(), params.load())
+    validate(params.sections(ValidateSections, params.load()), Workspace.here())
 
 
 if __name__ == "__main__":
-    from tasks.entry import run_stage
-
     run_stage(main)

@@ -11,7 +11,6 @@ It also measures latency at batch 1 and throughput at registry.max_batch_size (I
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,14 +18,25 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import atomic_write_json
-from tasks.downloads import file_digest
+from tasks import params
+from tasks.blessing.onnx_session import Session, open_session, versions
+from tasks.blessing.reports import (
+    AccuracyMatch,
+    Check,
+    ExportReport,
+    Fp16Verification,
+    Latency,
+    Parity,
+    Throughput,
+    VerificationReport,
+)
+from tasks.blessing.scoring import torch_probabilities
+from tasks.data.prepared import PreparedSplit, load_split
+from tasks.entry import StageSpec, run_stage
 from tasks.errors import DataError, VisionopsError
-from tasks.evaluate import torch_probabilities
-from tasks.params import Params, VerifyParams
+from tasks.fs.hashing import file_digest
+from tasks.params import RegistryParams, VerifyParams
 from tasks.paths import Workspace
-from tasks.prepared import PreparedSplit, load_split
-from tasks.runtime import Session, open_session, versions
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +47,12 @@ class VerificationFailed(VisionopsError):
     """The ONNX model failed a verification check; the message names each failed check."""
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "detail": self.detail}
-
-
-def read_export_report(ws: Workspace) -> dict[str, Any]:
+def read_export_report(ws: Workspace) -> ExportReport:
     """export/export.json, checked against the files it describes (no stale evidence)."""
     if not ws.export_report.is_file() or not ws.onnx_model.is_file():
         raise DataError(f"{ws.export_report} or {ws.onnx_model} missing: run the export stage first")
-    report = json.loads(ws.export_report.read_text())
-    if file_digest(ws.onnx_model) != report["sha256"]:
+    report = ExportReport.read(ws.export_report, "export")
+    if file_digest(ws.onnx_model) != report.sha256:
         raise DataError(f"{ws.onnx_model} does not match the sha256 in {ws.export_report}: rerun the export stage")
     return report
 
@@ -67,7 +67,7 @@ def batch_of(images: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
 
 def parity(
     session: Session, model: Any, images: np.ndarray, batch: int, atol: float, min_agreement: float, device: Any
-) -> dict[str, Any]:
+) -> Parity:
     """ONNX vs PyTorch on one batch of exactly ``batch`` images."""
     x, repeated = batch_of(images, batch)
     ort_out = session.run(x)
@@ -75,17 +75,17 @@ def parity(
     diff = float(np.max(np.abs(ort_out.astype(np.float64) - torch_out)))
     agreement = float(np.mean(ort_out.argmax(1) == torch_out.argmax(1)))
     finite = bool(np.isfinite(ort_out).all())
-    return {
-        "batch": batch,
-        "max_abs_diff": diff,
-        "top1_agreement": agreement,
-        "finite": finite,
-        "images_repeated": repeated,
-        "passed": finite and diff <= atol and agreement >= min_agreement,
-    }
+    return Parity(
+        batch=batch,
+        max_abs_diff=diff,
+        top1_agreement=agreement,
+        finite=finite,
+        images_repeated=repeated,
+        passed=finite and diff <= atol and agreement >= min_agreement,
+    )
 
 
-def latency_ms(session: Session, image: np.ndarray, runs: int) -> dict[str, float]:
+def latency_ms(session: Session, image: np.ndarray, runs: int) -> Latency:
     """p50/p95 wall latency of single-image requests (host arrays in and out, as a client sees it)."""
     for _ in range(WARMUP_RUNS):
         session.run(image)
@@ -94,10 +94,10 @@ def latency_ms(session: Session, image: np.ndarray, runs: int) -> dict[str, floa
         start = time.perf_counter()
         session.run(image)
         samples.append((time.perf_counter() - start) * 1000.0)
-    return {"p50": float(np.percentile(samples, 50)), "p95": float(np.percentile(samples, 95)), "runs": runs}
+    return Latency(p50=float(np.percentile(samples, 50)), p95=float(np.percentile(samples, 95)), runs=runs)
 
 
-def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any]:
+def throughput(session: Session, images: np.ndarray, runs: int) -> Throughput:
     """Images per second at one large batch; on CUDA the input and output stay on the device."""
     io_binding = session.active == "cuda"
     if io_binding:
@@ -121,12 +121,21 @@ def throughput(session: Session, images: np.ndarray, runs: int) -> dict[str, Any
     for _ in range(runs):
         step()
     elapsed = time.perf_counter() - start
-    return {"batch": len(images), "runs": runs, "images_per_s": len(images) * runs / elapsed, "io_binding": io_binding}
+    return Throughput(batch=len(images), runs=runs, images_per_s=len(images) * runs / elapsed, io_binding=io_binding)
+
+
+@dataclass(frozen=True)
+class ModelVerification:
+    """Parity at each batch size and whole-split accuracy of one ONNX model, with its checks."""
+
+    parity: list[Parity]
+    accuracy: AccuracyMatch
+    checks: list[Check]
 
 
 def _verify_model(
     session: Session, split: PreparedSplit, model: Any, p: VerifyParams, max_batch: int, atol: float, label: str
-) -> tuple[dict[str, Any], list[Check]]:
+) -> ModelVerification:
     """Parity at each batch size and whole-split accuracy for one ONNX model."""
     import torch
 
@@ -139,9 +148,9 @@ def _verify_model(
         checks.append(
             Check(
                 f"{label}parity_batch_{batch}",
-                result["passed"],
-                f"max abs diff {result['max_abs_diff']:.3g} (atol {atol:g}), top-1 agreement"
-                f" {result['top1_agreement']:.4f} (min {p.min_agreement}){'' if result['finite'] else ', NON-FINITE outputs'}",
+                result.passed,
+                f"max abs diff {result.max_abs_diff:.3g} (atol {atol:g}), top-1 agreement"
+                f" {result.top1_agreement:.4f} (min {p.min_agreement}){'' if result.finite else ', NON-FINITE outputs'}",
             )
         )
     ort_probs = session.probabilities(split.images, max_batch)
@@ -151,15 +160,15 @@ def _verify_model(
     agreement = float(np.mean(ort_probs.argmax(1) == torch_probs.argmax(1)))
     # Accuracy may differ only through disagreeing images, so the same tolerance bounds both.
     tolerance = 1.0 - p.min_agreement
-    accuracy = {
-        "onnx": ort_acc,
-        "torch": torch_acc,
-        "difference": ort_acc - torch_acc,
-        "tolerance": tolerance,
-        "top1_agreement": agreement,
-        "max_abs_diff": float(np.max(np.abs(ort_probs.astype(np.float64) - torch_probs))),
-        "n_test": len(split.labels),
-    }
+    accuracy = AccuracyMatch(
+        onnx=ort_acc,
+        torch=torch_acc,
+        difference=ort_acc - torch_acc,
+        tolerance=tolerance,
+        top1_agreement=agreement,
+        max_abs_diff=float(np.max(np.abs(ort_probs.astype(np.float64) - torch_probs))),
+        n_test=len(split.labels),
+    )
     checks.append(
         Check(
             f"{label}accuracy_matches_torch",
@@ -168,24 +177,41 @@ def _verify_model(
             f" top-1 agreement {agreement:.4f}",
         )
     )
-    return {"parity": parities, "accuracy": accuracy}, checks
+    return ModelVerification(parities, accuracy, checks)
 
 
-def verify(params: Params, ws: Workspace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VerifySections:
+    """The params.yaml sections verify reads."""
+
+    verify: VerifyParams
+    registry: RegistryParams
+
+
+SPEC = StageSpec(
+    "verify",
+    params=("verify", "registry.max_batch_size"),
+    reads=lambda ws: [ws.exported, ws.candidate, ws.images("test"), ws.labels("test"), ws.classes],
+    writes=lambda ws: [ws.verification],
+)
+
+
+def verify(sections: VerifySections, ws: Workspace) -> VerificationReport:
     """Verify the exported model (and its fp16 variant); write the report; raise if a check failed."""
-    p = params.verify
-    max_batch = params.registry.max_batch_size
+    p = sections.verify
+    max_batch = sections.registry.max_batch_size
     export_report = read_export_report(ws)
-    if file_digest(ws.candidate_weights) != export_report["candidate_sha256"]:
-        raise DataError(f"{ws.onnx_model} was exported from another {ws.candidate_weights}: rerun the export stage")
+    if file_digest(ws.candidate) != export_report.candidate_sha256:
+        raise DataError(f"{ws.onnx_model} was exported from another {ws.candidate}: rerun the export stage")
     session = open_session(ws.onnx_model, p.provider)  # first: a missing provider fails before any work
-    from tasks.models import (
-        Deployable,  # torch: imported once the provider is known to be there
+    from tasks.training.candidate import (
+        Deployable,  # torch: once the provider is known to be there
     )
 
     split = load_split(ws, "test")
-    model = Deployable.from_candidate(ws.candidate_weights)
-    fp32, checks = _verify_model(session, split, model, p, max_batch, p.atol, "")
+    model = Deployable.from_candidate(ws.candidate)
+    fp32 = _verify_model(session, split, model, p, max_batch, p.atol, "")
+    checks = list(fp32.checks)
     checks.insert(
         0,
         Check(
@@ -201,42 +227,46 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
     thr = throughput(session, big, p.throughput_runs)
     log.info(
         "latency p50 %.2f ms p95 %.2f ms; throughput %.0f images/s at batch %d",
-        lat["p50"],
-        lat["p95"],
-        thr["images_per_s"],
+        lat.p50,
+        lat.p95,
+        thr.images_per_s,
         max_batch,
     )
     fp16 = None
-    if export_report.get("fp16"):
-        fp16_path = ws.exported / export_report["fp16"]["path"]
-        if file_digest(fp16_path) != export_report["fp16"]["sha256"]:
+    if export_report.fp16 is not None:
+        fp16_path = ws.exported / export_report.fp16.path
+        if file_digest(fp16_path) != export_report.fp16.sha256:
             raise DataError(f"{fp16_path} does not match {ws.export_report}: rerun the export stage")
         fp16_session = open_session(fp16_path, p.provider)
-        fp16, fp16_checks = _verify_model(fp16_session, split, model, p, max_batch, p.fp16_atol, "fp16_")
-        fp16["latency_ms"] = latency_ms(fp16_session, split.images[:1], p.latency_runs)
-        fp16["sha256"] = export_report["fp16"]["sha256"]
-        checks.extend(fp16_checks)
+        half = _verify_model(fp16_session, split, model, p, max_batch, p.fp16_atol, "fp16_")
+        fp16 = Fp16Verification(
+            parity=half.parity,
+            accuracy=half.accuracy,
+            latency_ms=latency_ms(fp16_session, split.images[:1], p.latency_runs),
+            sha256=export_report.fp16.sha256,
+        )
+        checks.extend(half.checks)
     failures = [c.name for c in checks if not c.passed]
-    report = {
-        "passed": not failures,
-        "failures": failures,
-        "provider_requested": p.provider,
-        "provider_active": session.active,
-        "cuda_verified": session.active == "cuda",
-        "fallback_reason": session.fallback_reason,
-        "onnx_sha256": export_report["sha256"],
-        "candidate_sha256": export_report["candidate_sha256"],
-        "atol": p.atol,
-        "min_agreement": p.min_agreement,
-        "parity": fp32["parity"],
-        "accuracy": fp32["accuracy"],
-        "latency_ms": lat,
-        "throughput": thr,
-        "fp16": fp16,
-        "checks": [c.to_dict() for c in checks],
-        "versions": versions(session.active),
-    }
-    atomic_write_json(ws.verification, report)
+    report = VerificationReport(
+        passed=not failures,
+        failures=failures,
+        provider_requested=p.provider,
+        provider_active=session.active,
+        cuda_verified=session.active == "cuda",
+        fallback_reason=session.fallback_reason,
+        onnx_sha256=export_report.sha256,
+        candidate_sha256=export_report.candidate_sha256,
+        atol=p.atol,
+        min_agreement=p.min_agreement,
+        parity=fp32.parity,
+        accuracy=fp32.accuracy,
+        latency_ms=lat,
+        throughput=thr,
+        fp16=fp16,
+        checks=checks,
+        versions=versions(session.active),
+    )
+    report.write(ws.verification)
     if session.active != "cuda":
         log.warning("verified on the CPU: CUDA was NOT verified (cuda_verified: false in %s)", ws.verification)
     if failures:
@@ -247,13 +277,9 @@ def verify(params: Params, ws: Workspace) -> dict[str, Any]:
     return report
 
 
-def _main() -> None:
-    from tasks import params
-
-    verify(params.load(), Workspace.here())
+def main() -> None:
+    verify(params.sections(VerifySections, params.load()), Workspace.here())
 
 
 if __name__ == "__main__":
-    from tasks.entry import run_stage
-
-    run_stage(_main)
+    run_stage(main)

@@ -1,4 +1,9 @@
-"""Shared fixtures: a real git+DVC workspace in tmp_path, telemetry off everywhere."""
+"""Shared fixtures: a real git+DVC workspace in tmp_path, telemetry off everywhere.
+
+Tiers (pyproject.toml markers): unmarked tests are the unit tier (in-process, seconds each);
+``integration`` tests start real processes (git, DVC, stage entries, GX, Prefect, ONNX export);
+``slow`` tests run whole pipelines or servers. CI runs all three.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.C
 def make_workspace(root: Path, remote: Path) -> Workspace:
     """A fresh git+DVC repository laid out like this project, with a local DVC remote at ``remote``."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("params.yaml", "dvc.yaml", ".gitignore"):
+    for name in ("params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT / name, root / name)
     shutil.copytree(PROJECT / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     run(["git", "init", "-q", "-b", "main"], root)
@@ -53,9 +58,24 @@ def make_workspace(root: Path, remote: Path) -> Workspace:
     return Workspace(root)
 
 
+@pytest.fixture(scope="session")
+def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `git init` + `dvc init` per session (10-14 s on a busy machine); tests get copies."""
+    root = tmp_path_factory.mktemp("template")
+    return make_workspace(root / "ws", root / "dvc-remote").root
+
+
+def copy_workspace(template: Path, root: Path, remote: Path) -> Workspace:
+    """A copy of ``template`` at ``root`` whose default DVC remote is ``remote``."""
+    shutil.copytree(template, root, symlinks=True)
+    config = root / ".dvc" / "config"
+    config.write_text(config.read_text().replace(str(template.parent / "dvc-remote"), str(remote)))
+    return Workspace(root)
+
+
 @pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    return make_workspace(tmp_path / "ws", tmp_path / "dvc-remote")
+def workspace(workspace_template: Path, tmp_path: Path) -> Workspace:
+    return copy_workspace(workspace_template, tmp_path / "ws", tmp_path / "dvc-remote")
 
 
 def write_class_folders(

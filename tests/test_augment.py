@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.augment import DeviceSplit, augment, channel_stats
 from tasks.params import AugmentParams, ConfigError
+from tasks.training.augment import DeviceSplit, augment, channel_stats
 
 
 def _images(n: int = 6, c: int = 2, size: int = 8) -> torch.Tensor:

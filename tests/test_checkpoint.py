@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoint import ResumeCheckpoint, files_digest, run_key
+from tasks.fs.hashing import files_digest
+from tasks.training.checkpoint import ResumeCheckpoint, run_key
 
 
 def test_checkpoint_round_trips_for_the_same_run_only(tmp_path: Path) -> None:

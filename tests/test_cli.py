@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from prefect.states import Completed, Crashed, Failed
 
-from conftest import PROJECT, run
 from flows.cli import main, pipeline_exit_code
 from flows.stages import REJECTED, StageFailed
 from tasks.errors import VisionopsError
 from tasks.params import load
 from tasks.paths import Workspace
+
+from conftest import PROJECT, run
 
 
 @pytest.fixture

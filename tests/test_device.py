@@ -3,14 +3,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.device import describe, select_device
 from tasks.errors import RuntimeUnavailable
+from tasks.training.device import describe, select_device
 
 
 def test_cpu_is_always_available_and_described_with_its_threads() -> None:
     device = select_device("cpu")
     assert device.type == "cpu"
-    assert describe(device) == f"cpu ({torch.get_num_threads()} threads)"
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert describe(device) == "cpu (3 threads)"
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

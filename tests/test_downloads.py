@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.downloads import TransientDownloadError, fetch
+from tasks.data.downloads import TransientDownloadError, fetch
 from tasks.errors import DataError, RuntimeUnavailable
 
 
@@ -66,7 +66,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
     failures = 2
     requests = 0
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def do_GET(self) -> None:
         type(self).requests += 1
         if type(self).requests <= self.failures:
             self.send_error(503, "busy")

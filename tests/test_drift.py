@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.drift import data_profile, drift_checks, total_variation
+from tasks.data.drift import data_profile, drift_checks, total_variation
+from tasks.data.reports import DataProfile
 from tasks.params import DriftParams
 
 
@@ -25,16 +26,16 @@ def _manifest(pixels: np.ndarray, classes: list[str]) -> pd.DataFrame:
 def test_profile_pools_per_image_statistics_exactly() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 4))
     profile = data_profile(_manifest(pixels, ["a", "a", "b", "b", "b"]))
-    assert profile["pixel_mean"] == pytest.approx(pixels.mean() / 255, abs=1e-6)
-    assert profile["pixel_std"] == pytest.approx(pixels.std() / 255, abs=1e-6)
-    assert profile["label_distribution"] == {"a": 0.4, "b": 0.6}
-    assert (profile["n_train"], profile["n_test"]) == (5, 1)
+    assert profile.pixel_mean == pytest.approx(pixels.mean() / 255, abs=1e-6)
+    assert profile.pixel_std == pytest.approx(pixels.std() / 255, abs=1e-6)
+    assert profile.label_distribution == {"a": 0.4, "b": 0.6}
+    assert (profile.n_train, profile.n_test) == (5, 1)
 
 
 def test_content_hash_ignores_row_order() -> None:
     pixels = np.random.default_rng(1).integers(0, 256, (3, 1, 2, 2))
     manifest = _manifest(pixels, ["a", "b", "b"])
-    assert data_profile(manifest)["content_hash"] == data_profile(manifest.iloc[::-1])["content_hash"]
+    assert data_profile(manifest).content_hash == data_profile(manifest.iloc[::-1]).content_hash
 
 
 def test_total_variation() -> None:
@@ -44,8 +45,8 @@ def test_total_variation() -> None:
 
 
 def test_drift_checks_compare_with_thresholds() -> None:
-    current = {"label_distribution": {"a": 0.5, "b": 0.5}, "pixel_mean": 0.50, "pixel_std": 0.20}
-    production = {"label_distribution": {"a": 0.7, "b": 0.3}, "pixel_mean": 0.45, "pixel_std": 0.40}
+    current = DataProfile({"a": 0.5, "b": 0.5}, pixel_mean=0.50, pixel_std=0.20, n_train=2, n_test=2, content_hash="c")
+    production = DataProfile({"a": 0.7, "b": 0.3}, pixel_mean=0.45, pixel_std=0.40, n_train=2, n_test=2, content_hash="p")
     checks = {c.name: c for c in drift_checks(current, production, DriftParams(0.15, 0.1, 0.1))}
     assert not checks["drift_label_distribution"].success and checks["drift_label_distribution"].observed == 0.2
     assert checks["drift_pixel_mean"].success

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from candidate_factory import tiny_candidate
 
-from tasks.downloads import file_digest
+from tasks.blessing.reports import ExportReport
 from tasks.export import export
+from tasks.fs.hashing import file_digest
 from tasks.params import ExportParams
 from tasks.paths import Workspace
+
+from candidate_factory import tiny_candidate
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 def _by_hand(ws: Workspace, images: np.ndarray) -> np.ndarray:
-    """The candidate's classifier fed by normalisation written out here, not by tasks.models."""
-    from tasks.models import load_candidate
+    """The candidate's classifier fed by normalisation written out here, not by tasks.training.models."""
+    from tasks.training.candidate import load_candidate
 
-    classifier, meta = load_candidate(ws.candidate_weights)
-    mean = torch.tensor(meta["normalization"]["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta["normalization"]["std"]).view(1, -1, 1, 1)
+    candidate = load_candidate(ws.candidate)
+    mean = torch.tensor(candidate.normalization["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(candidate.normalization["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
         x = (torch.from_numpy(images).float() / 255.0 - mean) / std
-        return torch.softmax(classifier(x), dim=1).numpy()
+        return torch.softmax(candidate.classifier()(x), dim=1).numpy()
 
 
 def test_graph_has_the_documented_contract(exported: Workspace) -> None:
@@ -60,13 +60,14 @@ def test_any_batch_gives_probabilities_with_preprocessing_baked_in(exported: Wor
 
 
 def test_export_json_records_contract_and_hashes(exported: Workspace) -> None:
-    report = json.loads(exported.export_report.read_text())
-    assert report["sha256"] == file_digest(exported.onnx_model)
-    assert report["candidate_sha256"] == file_digest(exported.candidate_weights)
-    assert report["input"] | {"dtype": "uint8", "layout": "NCHW", "image_size": 8, "channels": 3} == report["input"]
-    assert report["output"]["shape"] == ["batch", 3] and report["classes"] == ["cat", "dog", "eel"]
-    assert report["opset"] == 18 and report["exporter"] in ("dynamo", "torchscript")
-    assert report["fp16"]["sha256"] == file_digest(exported.onnx_model_fp16)
+    report = ExportReport.read(exported.export_report, "export")
+    assert report.sha256 == file_digest(exported.onnx_model)
+    assert report.candidate_sha256 == file_digest(exported.candidate)
+    i = report.input
+    assert (i.dtype, i.layout, i.image_size, i.channels, i.shape) == ("uint8", "NCHW", 8, 3, ["batch", 3, 8, 8])
+    assert report.output.shape == ["batch", 3] and report.classes == ["cat", "dog", "eel"]
+    assert report.opset == 18 and report.exporter in ("dynamo", "torchscript")
+    assert report.fp16 is not None and report.fp16.sha256 == file_digest(exported.onnx_model_fp16)
 
 
 def test_fp16_variant_keeps_the_contract_and_stays_close(exported: Workspace) -> None:

@@ -1,10 +1,10 @@
-"""Artifact contents built from the stages' JSON reports (the Prefect calls run in the e2e tests)."""
+"""Artifact contents built from the stages' typed reports (the Prefect calls run in the e2e tests)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flows.artifacts import (
@@ -17,25 +17,31 @@ from flows.artifacts import (
     validation_description,
     validation_table,
 )
+from tasks.blessing.reports import ClassScores, InputContract, MetricsReport
+from tasks.data.reports import CheckSummary, DataProfile, ValidationFailure
+from tasks.registry.status import HeadlineMetrics, ProductionStatus, RegistryStatus
 
-VALIDATION = {
-    "success": False,
-    "checks": [{"name": "label_set", "success": True, "observed": ["a", "b"]}],
-    "failures": [
-        {"expectation": "no_leakage", "check": "leak", "unexpected_count": 4, "examples": ["t/1.png", "t/2.png", "t/3.png", "t/4.png"]}
-    ],
-    "data_profile": {"n_train": 120, "n_test": 40, "content_hash": "abc123"},
-}
-METRICS = {
-    "accuracy": 0.5,
-    "macro_f1": 0.45,
-    "n_test": 40,
-    "per_class": {
-        "a": {"precision": 0.6, "recall": 0.75, "f1": 0.666667, "support": 20},
-        "b": {"precision": 0.4, "recall": 0.25, "f1": 0.307692, "support": 20},
+from candidate_factory import floor_check, validation_report
+
+VALIDATION = replace(
+    validation_report(success=False, profile=DataProfile({"a": 1.0}, 0.5, 0.2, 120, 40, "abc123")),
+    checks=[CheckSummary("label_set", True, ["a", "b"])],
+    failures=[ValidationFailure("no_leakage", "leak", "", 4, ["t/1.png", "t/2.png", "t/3.png", "t/4.png"], "")],
+)
+METRICS = MetricsReport(
+    accuracy=0.5,
+    macro_f1=0.45,
+    n_test=40,
+    per_class={
+        "a": ClassScores(precision=0.6, recall=0.75, f1=0.666667, support=20),
+        "b": ClassScores(precision=0.4, recall=0.25, f1=0.307692, support=20),
     },
-    "gate": {"passed": False, "min_accuracy": 0.9, "min_class_recall": 0.0, "failures": ["accuracy 0.5000 < gate.min_accuracy 0.9000"]},
-}
+    gate=floor_check(0.5, passed=False, min_accuracy=0.9),
+    classes=["a", "b"],
+    confusion_matrix=[[15, 5], [15, 5]],
+    device="cpu",
+    candidate_sha256="c",
+)
 
 
 def test_validation_table_lists_checks_and_failures_with_examples() -> None:
@@ -72,17 +78,23 @@ def test_flatten_names_nested_fields_with_dots() -> None:
 
 
 def test_production_markdown_says_whether_this_run_changed_it() -> None:
-    status = {"production": {"version": 3, "model_path": "/r/m/3/model.onnx", "metrics": {"accuracy": 0.97}}}
+    production = ProductionStatus(
+        version=3, model_path="/r/m/3/model.onnx", metrics=HeadlineMetrics(0.97, 0.96, 100), promoted_at="t",
+        classes=["a"], input=InputContract("image", "uint8", "NCHW", ["batch", 3, 4, 4], 3, 4, "RGB", "raw"),
+        provider_verified="cpu", cuda_verified=False, gate="promoted", git_rev=None, data_md5=None,
+    )
+    status = RegistryStatus(registry="/r/m", production=production, history=[])
     assert production_markdown(status, changed=True).startswith("## Production: version 3 (promoted by this run)")
     assert "(unchanged by this run)" in production_markdown(status, changed=False)
     assert "test accuracy: 0.9700" in production_markdown(status, changed=True)
-    assert production_markdown({"production": None}, changed=False).startswith("## Production: none")
+    empty = replace(status, production=None)
+    assert production_markdown(empty, changed=False).startswith("## Production: none")
 
 
 def test_a_report_older_than_the_stage_run_is_not_published(tmp_path: Path) -> None:
     report = tmp_path / "metrics.json"
-    report.write_text(json.dumps(METRICS))
+    METRICS.write(report)
     os.utime(report, (time.time() - 60, time.time() - 60))
-    assert _read(report, since=time.time()) is None
-    assert _read(report, since=None) == METRICS
-    assert _read(tmp_path / "missing.json", since=None) is None
+    assert _read(MetricsReport, report, "evaluate", since=time.time()) is None
+    assert _read(MetricsReport, report, "evaluate", since=None) == METRICS
+    assert _read(MetricsReport, tmp_path / "missing.json", "evaluate", since=None) is None

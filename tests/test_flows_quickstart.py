@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from conftest import PROJECT
 from flows.overrides import check_overrides
-from flows.quickstart import CPU_ONLY_OVERRIDES, closing_report, cuda_present, quickstart_overrides
+from flows.pipeline import RunSummary
+from flows.quickstart import (
+    CPU_ONLY_OVERRIDES,
+    closing_report,
+    cuda_present,
+    quickstart_overrides,
+)
 from tasks.paths import Workspace
 
-SUMMARY = {"production_version": 1, "model_path": "/ws/registry/m/1/model.onnx", "stage_seconds": {"train": 60.0, "verify": 20.0}}
+from candidate_factory import export_contract, train_report, verification_report
+from conftest import PROJECT
+
+SUMMARY = RunSummary(1, "/ws/registry/m/1/model.onnx", stage_seconds={"train": 60.0, "verify": 20.0}, flow_seconds=90.0)
 
 
 def test_without_cuda_the_quickstart_verifies_on_cpu_and_says_so() -> None:
@@ -38,16 +45,17 @@ def test_cuda_presence_matches_torch() -> None:
     assert cuda_present() == torch.cuda.is_available()
 
 
-def _reports(root: Path, cuda_verified: bool, provider: str) -> Workspace:
+def _reports(root: Path, provider: str) -> Workspace:
     ws = Workspace(root)
-    ws.reports.mkdir()
-    ws.train_summary.write_text(json.dumps({"device": "cpu", "device_name": "cpu (2 threads)"}))
-    ws.verification.write_text(json.dumps({"provider_active": provider, "cuda_verified": cuda_verified}))
+    train_report().write(ws.train_summary)
+    (ws.root / "model.onnx").write_bytes(b"onnx")
+    export = export_contract(ws.root / "model.onnx", ws.root / "model.onnx", ["a", "b"], 3, 4)
+    verification_report(export, provider).write(ws.verification)
     return ws
 
 
 def test_the_closing_report_says_cuda_was_not_verified(tmp_path: Path) -> None:
-    text = closing_report(_reports(tmp_path, False, "cpu"), SUMMARY, wall_s=100.0)
+    text = closing_report(_reports(tmp_path, "cpu"), SUMMARY, wall_s=100.0)
     assert "trained on:     cpu (2 threads)" in text
     assert "verified with:  onnxruntime cpu" in text
     assert "CUDA was not verified" in text
@@ -56,5 +64,5 @@ def test_the_closing_report_says_cuda_was_not_verified(tmp_path: Path) -> None:
 
 
 def test_the_closing_report_does_not_deny_a_real_cuda_verification(tmp_path: Path) -> None:
-    text = closing_report(_reports(tmp_path, True, "cuda"), SUMMARY, wall_s=100.0)
+    text = closing_report(_reports(tmp_path, "cuda"), SUMMARY, wall_s=100.0)
     assert "CUDA was not verified" not in text and "onnxruntime cuda" in text

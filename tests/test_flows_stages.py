@@ -12,12 +12,21 @@ import pytest
 import yaml
 from prefect.states import Completed, Failed
 
-from conftest import PROJECT, run
-from flows.stages import REJECTED, StageFailed, _transient, dvc_stages, failure_reason, raise_if_rejected, run_dvc_stage
+from flows.stages import (
+    REJECTED,
+    StageFailed,
+    _transient,
+    dvc_stages,
+    failure_reason,
+    raise_if_rejected,
+    run_dvc_stage,
+)
 from flows.workspace_lock import WorkspaceBusy, workspace_lock
-from tasks.downloads import TransientDownloadError
+from tasks.data.downloads import TransientDownloadError
 from tasks.errors import DataError, GateRejected
 from tasks.paths import Workspace
+
+from conftest import PROJECT, run
 
 ENTRY_ERROR = "import logging, sys; logging.basicConfig(format='%(asctime)s %(name)s %(levelname)s %(message)s');"
 
@@ -132,8 +141,7 @@ def test_a_killed_run_keeps_the_workspace_locked_until_its_stage_has_finished(re
     finally:
         runner.kill()
         runner.wait()
-    with pytest.raises(WorkspaceBusy):
-        with workspace_lock(repo, "too-early", 0, print):
-            pass
+    with pytest.raises(WorkspaceBusy), workspace_lock(repo, "too-early", 0, print):
+        pass
     with workspace_lock(repo, "after-the-stage", 60, lambda line: None):
         assert (repo.root / "slow.txt").read_text() == "done", "the lock was free while the orphaned stage still ran"

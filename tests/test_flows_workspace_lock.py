@@ -67,9 +67,8 @@ def test_a_waiting_run_gets_the_lock_when_the_holder_finishes(tmp_path: Path, ho
 
 def test_the_lock_is_released_on_exit_and_on_error(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
-    with pytest.raises(RuntimeError):
-        with workspace_lock(ws, "failing", 0, print):
-            raise RuntimeError("stage crashed")
+    with pytest.raises(RuntimeError), workspace_lock(ws, "failing", 0, print):
+        raise RuntimeError("stage crashed")
     with workspace_lock(ws, "next", 0, lambda line: pytest.fail(line)):
         pass
     assert ws.pipeline_lock.read_text() == ""

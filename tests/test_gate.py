@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.gate import check_floor, compare_with_production, mcnemar_p_worse
+from tasks.blessing.gate import check_floor, compare_with_production, mcnemar_p_worse
 from tasks.params import GateParams
 
 GATE = GateParams(min_accuracy=0.8, min_class_recall=0.5, max_regression=0.01, confidence=0.95)

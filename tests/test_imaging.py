@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.data.imaging import encode_png, to_array
 from tasks.errors import DataError
-from tasks.imaging import encode_png, to_array
 
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -7,13 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT, run, write_class_folders
 
+from tasks.data.raw import read_split
 from tasks.errors import DataError, RuntimeUnavailable
 from tasks.ingest import STAGING_PREFIX, ingest
 from tasks.params import DataParams, SyntheticParams
 from tasks.paths import Workspace
-from tasks.rawdata import read_split
+
+from conftest import PROJECT, run, write_class_folders
 
 
 def _params(seed: int = 0) -> DataParams:
@@ -30,7 +31,7 @@ def test_ingest_versions_pushes_and_keeps_the_previous_version_on_failure(
     workspace: Workspace, tmp_path: Path
 ) -> None:
     # One workspace for the whole life cycle: every DVC call costs seconds.
-    result = ingest(workspace, _params())
+    result = ingest(_params(), workspace)
     assert result.changed and result.md5 and result.md5.endswith(".dir")
     assert sorted(p.name for p in workspace.data.iterdir()) == ["source.json", "test.parquet", "train.parquet"]
     table = read_split(workspace.raw_split("train"))
@@ -42,24 +43,24 @@ def test_ingest_versions_pushes_and_keeps_the_previous_version_on_failure(
     assert "in sync" in status, status  # pushed to the default remote
 
     before = _snapshot(workspace)
-    again = ingest(workspace, _params())
+    again = ingest(_params(), workspace)
     assert not again.changed
     assert _snapshot(workspace) == before  # identical content: data.dvc byte for byte the same
 
     with pytest.raises(DataError, match="not found"):
-        ingest(workspace, _params(), source=str(tmp_path / "missing"))
+        ingest(_params(), workspace, source=str(tmp_path / "missing"))
     assert _snapshot(workspace) == before
 
     run(["dvc", "remote", "modify", "local", "url", "/dev/null/remote"], workspace.root)
     with pytest.raises(RuntimeUnavailable, match="dvc push"):
-        ingest(workspace, _params(seed=3))  # new content, but the push fails
+        ingest(_params(seed=3), workspace)  # new content, but the push fails
     assert _snapshot(workspace) == before
     assert not list(workspace.root.glob(STAGING_PREFIX + "*"))
 
 
 def test_fresh_clone_pulls_data_byte_for_byte(workspace: Workspace, tmp_path: Path) -> None:
     write_class_folders(tmp_path / "folders", {"a": 3, "b": 3}, mode="RGBA")
-    first = ingest(workspace, _params(), source=str(tmp_path / "folders"))
+    first = ingest(_params(), workspace, source=str(tmp_path / "folders"))
     run(["git", "add", "-A"], workspace.root)
     run(["git", "commit", "-qm", "data"], workspace.root)
     clone = tmp_path / "clone"
@@ -68,20 +69,20 @@ def test_fresh_clone_pulls_data_byte_for_byte(workspace: Workspace, tmp_path: Pa
     original = {p.name: p.read_bytes() for p in workspace.data.iterdir()}
     assert {p.name: p.read_bytes() for p in (clone / "data").iterdir()} == original
     # A different version, then back: data.dvc returns to the same bytes.
-    assert ingest(workspace, _params(seed=1)).md5 != first.md5
-    assert ingest(workspace, _params(), source=str(tmp_path / "folders")).md5 == first.md5
+    assert ingest(_params(seed=1), workspace).md5 != first.md5
+    assert ingest(_params(), workspace, source=str(tmp_path / "folders")).md5 == first.md5
 
 
 def test_first_ingest_that_fails_leaves_no_data(workspace: Workspace) -> None:
     run(["dvc", "remote", "modify", "local", "url", "/dev/null/remote"], workspace.root)
     with pytest.raises(RuntimeUnavailable):
-        ingest(workspace, _params())
+        ingest(_params(), workspace)
     assert not workspace.data.exists() and not (workspace.root / "data.dvc").exists()
 
 
 def test_not_a_dvc_repository_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a DVC repository"):
-        ingest(Workspace(tmp_path), _params())
+        ingest(_params(), Workspace(tmp_path))
     assert not (tmp_path / "data").exists()
 
 

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from tasks.errors import DataError
-from tasks.models import ARCHS, Deployable, build_model, head, load_candidate
+from tasks.training.models import ARCHS, build_model, head
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -48,57 +45,3 @@ def test_mobilenet_cifar_stem_has_stride_one() -> None:
 def test_build_model_rejects_what_it_cannot_build(arch: str, stem: str, classes: int, channels: int) -> None:
     with pytest.raises(ValueError):
         build_model(arch, stem, classes, channels)
-
-
-def _candidate(tmp_path: Path, model: nn.Module, **overrides: object) -> Path:
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "arch": "resnet18",
-        "stem": "cifar",
-        "num_classes": 3,
-        "in_channels": 1,
-        "image_size": 8,
-        "classes": ["a", "b", "c"],
-        "normalization": {"mean": [0.25], "std": [0.5]},
-        "params": {},
-        "device": "cpu",
-        "metrics": {"test_accuracy": 0.5},
-        **overrides,
-    }
-    path = tmp_path / "candidate.pt"
-    torch.save(checkpoint, path)
-    return path
-
-
-def test_load_candidate_restores_weights_in_eval_mode_and_returns_metadata(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    model = build_model("resnet18", "cifar", 3, 1).eval()
-    path = _candidate(tmp_path, model)
-    loaded, meta = load_candidate(path)
-    assert not loaded.training
-    assert "state_dict" not in meta and meta["classes"] == ["a", "b", "c"]
-    x = torch.randn(2, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
-
-
-def test_load_candidate_names_the_file_when_keys_are_missing(tmp_path: Path) -> None:
-    path = tmp_path / "candidate.pt"
-    torch.save({"state_dict": {}}, path)
-    with pytest.raises(DataError, match=r"candidate\.pt lacks arch"):
-        load_candidate(path)
-    with pytest.raises(DataError, match="not found"):
-        load_candidate(tmp_path / "absent.pt")
-
-
-def test_deployable_normalises_uint8_like_training_and_returns_probabilities(tmp_path: Path) -> None:
-    torch.manual_seed(2)
-    classifier = build_model("resnet18", "cifar", 3, 1).eval()
-    deployable = Deployable.from_candidate(_candidate(tmp_path, classifier))
-    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
-    with torch.no_grad():
-        probabilities = deployable(images)
-        expected = torch.softmax(classifier((images.float() / 255 - 0.25) / 0.5), dim=1)
-    assert probabilities.dtype == torch.float32 and probabilities.shape == (5, 3)
-    torch.testing.assert_close(probabilities, expected)
-    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(5))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tasks import params
-from tasks.optim import WeightEMA, build_optimizer, lr_at, peak_lr
 from tasks.params import TrainParams
+from tasks.training.optim import WeightEMA, build_optimizer, lr_at, peak_lr
 
 
 def _train_params(**changes: object) -> TrainParams:

@@ -18,11 +18,18 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import make_workspace, run
-from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
+from flows.artifacts import (
+    GATE_KEY,
+    METRICS_KEY,
+    PRODUCTION_KEY,
+    VALIDATION_KEY,
+    VERIFICATION_KEY,
+)
 from flows.cli import main
-from prefect_queries import artifact_keys, task_runs
 from tasks.paths import Workspace
+
+from conftest import copy_workspace, run
+from prefect_queries import artifact_keys, task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +62,9 @@ def harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def quickstart(harness: None, tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
+def quickstart(harness: None, workspace_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Quickstart:
     root = tmp_path_factory.mktemp("e2e")
-    ws = make_workspace(root / "ws", root / "dvc-remote")
+    ws = copy_workspace(workspace_template, root / "ws", root / "dvc-remote")
     out = io.StringIO()
     started = time.monotonic()
     with contextlib.redirect_stdout(out):

@@ -6,29 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from candidate_factory import CLASSES3, export_contract, pixel_reader_onnx, write_params
 
+from tasks.data.imaging import encode_png
 from tasks.errors import DataError, RegistryError
-from tasks.imaging import encode_png
 from tasks.params import Params
 from tasks.paths import Workspace
 from tasks.predict import predict
 from tasks.registry import Registry
 
+from candidate_factory import publish_pixel_reader, write_params
+
 
 def _setup(tmp_path: Path, channels: int) -> tuple[Workspace, Params]:
     ws = Workspace(tmp_path / "ws")
     p = write_params(ws, {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
-    src = tmp_path / "src"
-    pixel_reader_onnx(src / "model.onnx", 3, channels, 4, read_channel=0)
-    (src / "weights.pt").write_bytes(b"w")
-    card = {
-        "classes": CLASSES3,
-        "export": export_contract(src / "model.onnx", src / "weights.pt", CLASSES3, channels, 4),
-    }
-    registry = Registry.open(ws, p.registry)
-    with registry.lock():
-        registry.publish({"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}, card, history={})
+    publish_pixel_reader(Registry.open(ws, p.registry), tmp_path / "src", read_channel=0, channels=channels)
     return ws, p
 
 
@@ -44,11 +36,11 @@ def _png(path: Path, answer: int, size: int = 4) -> Path:
 def test_labels_and_probabilities_follow_the_contract(tmp_path: Path, channels: int) -> None:
     ws, p = _setup(tmp_path, channels)
     files = [_png(tmp_path / f"img{k}.png", k) for k in (2, 0, 1)]
-    result = predict(ws, p, files)
-    assert [r["label"] for r in result] == ["eel", "cat", "dog"]
-    assert [r["path"] for r in result] == [str(f) for f in files]
+    result = predict(p.registry, ws, files)
+    assert [r.label for r in result] == ["eel", "cat", "dog"]
+    assert [r.path for r in result] == [str(f) for f in files]
     expected = np.exp(12.75) / (np.exp(12.75) + 2)  # softmax of (255 * 0.05, 0, 0)
-    assert all(r["probability"] == pytest.approx(expected, rel=1e-5) for r in result)
+    assert all(r.probability == pytest.approx(expected, rel=1e-5) for r in result)
 
 
 def test_unreadable_files_are_all_named(tmp_path: Path) -> None:
@@ -56,7 +48,7 @@ def test_unreadable_files_are_all_named(tmp_path: Path) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(DataError) as info:
-        predict(ws, p, [_png(tmp_path / "ok.png", 0), text, tmp_path / "absent.png"])
+        predict(p.registry, ws, [_png(tmp_path / "ok.png", 0), text, tmp_path / "absent.png"])
     message = str(info.value)
     assert "2 of 3" in message and "notes.png" in message and "absent.png" in message
 
@@ -64,4 +56,4 @@ def test_unreadable_files_are_all_named(tmp_path: Path) -> None:
 def test_without_production_says_what_to_do(tmp_path: Path) -> None:
     p = write_params(Workspace(tmp_path), {"registry.uri": str(tmp_path / "r")})
     with pytest.raises(RegistryError, match="no production model"):
-        predict(Workspace(tmp_path), p, [_png(tmp_path / "x.png", 0)])
+        predict(p.registry, Workspace(tmp_path), [_png(tmp_path / "x.png", 0)])

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 from tasks import prepare as prepare_module
-from tasks import rawdata
+from tasks.data import raw as rawdata
+from tasks.data.imaging import encode_png, to_array
+from tasks.data.raw import RawImage, write_split
+from tasks.data.reports import PrepareReport, SplitCounts
 from tasks.errors import DataError
-from tasks.imaging import encode_png, to_array
 from tasks.params import DataParams, SyntheticParams
 from tasks.paths import Workspace
 from tasks.prepare import prepare
-from tasks.rawdata import write_split
-from tasks.sources import RawImage
 
 P = DataParams("synthetic", 8, 3, 0.25, 0, SyntheticParams(2, 2, 2))
 
@@ -39,8 +39,8 @@ def test_tensors_labels_classes_and_manifest(tmp_path: Path) -> None:
     train = [RawImage(f"train/{c}/{i}.png", c, _png(10 * k + i)) for k, c in enumerate("ba") for i in range(3)]
     test = [RawImage("test/a/0.png", "a", _png(99, size=(5, 5)))]
     ws = _workspace(tmp_path, train, test)
-    result = prepare(ws, P)
-    assert result.counts["train"] == {"images": 6, "decoded": 6, "corrupt": 0}
+    result = prepare(P, ws)
+    assert result.counts["train"] == SplitCounts(images=6, decoded=6, corrupt=0)
     images = np.load(ws.images("train"))
     assert images.shape == (6, 3, 8, 8) and images.dtype == np.uint8
     np.testing.assert_array_equal(images[0], to_array(train[0].image, 8, 3))
@@ -64,10 +64,10 @@ def test_corrupt_files_are_reported_by_path_not_fatal(tmp_path: Path) -> None:
         RawImage("train/b/ok.png", "b", _png(2)),
     ]
     ws = _workspace(tmp_path, train, [RawImage("test/a/1.png", "a", _png(3))])
-    result = prepare(ws, P)
-    assert sorted(c["path"] for c in result.corrupt) == ["train/a/truncated.png", "train/b/text.png"]
-    report = json.loads(ws.prepare_report.read_text())
-    assert report["corrupt_count"] == 2 and report["counts"]["train"]["decoded"] == 2
+    result = prepare(P, ws)
+    assert sorted(c.path for c in result.corrupt) == ["train/a/truncated.png", "train/b/text.png"]
+    assert PrepareReport.read(ws.prepare_report, "prepare") == result
+    assert result.corrupt_count == 2 and result.counts["train"].decoded == 2
     assert np.load(ws.images("train")).shape[0] == 2
     manifest = pd.read_parquet(ws.manifest).set_index("path")
     assert not manifest.loc["train/b/text.png", "decoded"]
@@ -79,23 +79,23 @@ def test_corrupt_files_are_reported_by_path_not_fatal(tmp_path: Path) -> None:
 def test_grayscale_output_and_any_input_size(tmp_path: Path) -> None:
     train = [RawImage(f"a/{i}.png", "a", _png(i, size=(3 + i, 40))) for i in range(3)]
     ws = _workspace(tmp_path, train, train[:1])
-    prepare(ws, replace(P, channels=1, image_size=16))
+    prepare(replace(P, channels=1, image_size=16), ws)
     assert np.load(ws.images("train")).shape == (3, 1, 16, 16)
 
 
 def test_process_pool_gives_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train = [RawImage(f"a/{i}.png", "a", _png(i)) for i in range(40)] + [RawImage("a/bad.png", "a", b"x")]
     ws = _workspace(tmp_path / "one", train, train[:2])
-    prepare(ws, P)
+    prepare(P, ws)
     monkeypatch.setattr(prepare_module, "POOL_MIN", 10)
     monkeypatch.setattr(rawdata, "ROW_GROUP", 7)  # 6 row groups, decoded by 2 worker processes
     pooled = _workspace(tmp_path / "pool", train, train[:2])
     assert len(rawdata.row_groups(pooled.raw_split("train"))[0]) == 6
-    prepare(pooled, P)
+    prepare(P, pooled)
     np.testing.assert_array_equal(np.load(ws.images("train")), np.load(pooled.images("train")))
     pd.testing.assert_frame_equal(pd.read_parquet(ws.manifest), pd.read_parquet(pooled.manifest))
 
 
 def test_missing_data_says_to_ingest(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `visionops ingest`"):
-        prepare(Workspace(tmp_path), P)
+        prepare(P, Workspace(tmp_path))

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.data.prepared import load_split
 from tasks.errors import DataError
 from tasks.paths import Workspace
-from tasks.prepared import load_split
 
 
 def write_split(ws: Workspace, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:

@@ -7,7 +7,6 @@ its own image channel, so a test sets exactly which test images each model gets 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from tasks import params as params_mod
+from tasks.blessing.decision import PromotionDecision, PromotionRejected
+from tasks.blessing.evidence import Card
+from tasks.blessing.reports import ExportReport
+from tasks.errors import DataError
+from tasks.export import input_contract
+from tasks.paths import Workspace
+from tasks.promote import images_for_contract, promote
+from tasks.registry import Registry
+
 from candidate_factory import (
     CLASSES3,
     answers_for,
@@ -28,12 +38,6 @@ from candidate_factory import (
     write_params,
     write_split,
 )
-
-from tasks import params as params_mod
-from tasks.errors import DataError
-from tasks.paths import Workspace
-from tasks.promote import PromotionRejected, images_for_contract, promote
-from tasks.registry import Registry
 
 N = 60
 
@@ -81,15 +85,15 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
     p = params_mod.load(ws.params_file)
 
     pixel_reader_candidate(ws, read_channel=0)
-    first = promote(ws, p)
+    first = promote(p, ws)
     assert first.promoted and first.first_model and first.version == 1 and first.comparison is None
     assert "floor only" in first.to_markdown() and first.candidate_accuracy == pytest.approx(0.6)
 
-    again = promote(ws, p)  # the same model again: nothing to do, nothing written
+    again = promote(p, ws)  # the same model again: nothing to do, nothing written
     assert not again.promoted and "already production version 1" in again.summary
 
     pixel_reader_candidate(ws, read_channel=1)
-    better = promote(ws, p)
+    better = promote(p, ws)
     assert better.promoted and better.version == 2 and not better.first_model
     assert better.production_accuracy == pytest.approx(0.6) and better.candidate_accuracy == pytest.approx(0.9)
     assert better.comparison.improvements == 18 and better.comparison.regressions == 0
@@ -101,9 +105,9 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
     assert proc.returncode == 3, proc.stderr
     assert "rejected against production version 2" in proc.stderr
     assert tree_bytes(registry_dir) == before
-    decision = json.loads(ws.promotion_decision.read_text())
-    assert decision["promoted"] is False and decision["comparison"]["regressions"] == 24
-    assert decision["comparison"]["p_value"] < 1e-6
+    decision = PromotionDecision.read(ws.promotion_decision, "promote")
+    assert not decision.promoted and decision.comparison is not None and decision.comparison.regressions == 24
+    assert decision.comparison.p_value < 1e-6
     assert Registry.open(ws, p.registry).production().version == 2
 
 
@@ -124,7 +128,7 @@ def test_refuses_a_candidate_that_failed_the_floor(tmp_path: Path) -> None:
     pixel_reader_candidate(ws, read_channel=0, gate_passed=False)
     ws.verification.unlink()  # the pipeline stops at evaluate: export and verify never ran for it
     with pytest.raises(PromotionRejected) as info:
-        promote(ws, params_mod.load(ws.params_file))
+        promote(params_mod.load(ws.params_file), ws)
     assert info.value.exit_code == 3
     assert any("accuracy floor failed" in r for r in info.value.decision.reasons)
     assert not (tmp_path / "registry").exists()
@@ -135,7 +139,7 @@ def test_the_floor_is_reapplied_with_current_params(tmp_path: Path) -> None:
     nested_split(ws, right=(40, 40, 40))
     pixel_reader_candidate(ws, read_channel=0, accuracy=0.9)  # evaluate passed it under an older, lower floor
     with pytest.raises(PromotionRejected, match="accuracy 0.9000 < gate.min_accuracy 0.9500"):
-        promote(ws, params_mod.load(ws.params_file))
+        promote(params_mod.load(ws.params_file), ws)
 
 
 def test_stale_evidence_is_refused(tmp_path: Path) -> None:
@@ -145,10 +149,10 @@ def test_stale_evidence_is_refused(tmp_path: Path) -> None:
     p = params_mod.load(ws.params_file)
     pixel_reader_onnx(ws.onnx_model, 3, 3, 4, read_channel=2)  # re-exported after verification
     with pytest.raises(DataError, match="verification.json were written for another candidate"):
-        promote(ws, p)
-    ws.candidate_weights.write_bytes(b"retrained since the reports were written")
+        promote(p, ws)
+    ws.candidate.write_bytes(b"retrained since the reports were written")
     with pytest.raises(DataError, match="metrics.json was written for another candidate"):
-        promote(ws, p)
+        promote(p, ws)
 
 
 def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_path: Path) -> None:
@@ -158,7 +162,7 @@ def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_p
     seed = make_ws(tmp_path / "seed", registry_dir)
     nested_split(seed, right)
     pixel_reader_candidate(seed, read_channel=0)
-    promote(seed, params_mod.load(seed.params_file))
+    promote(params_mod.load(seed.params_file), seed)
     a, b = make_ws(tmp_path / "a", registry_dir), make_ws(tmp_path / "b", registry_dir)
     for ws, channel in ((a, 1), (b, 2)):
         nested_split(ws, right)
@@ -179,7 +183,7 @@ def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_p
         assert [(e["version"], e["previous"]) for e in history] == [(1, None), (2, 1), (3, 2)]
         assert history[-1]["production_accuracy"] == pytest.approx(0.7)
     production = registry.production()
-    assert production.card["export"]["sha256"] == json.loads(a.export_report.read_text())["sha256"]
+    assert production.card.export.sha256 == ExportReport.read(a.export_report, "export").sha256
 
 
 def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> None:
@@ -188,7 +192,7 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     nested_split(ws, right=(30, 60, 60))
     pixel_reader_candidate(ws, read_channel=0)
     p = params_mod.load(ws.params_file)
-    promote(ws, p)
+    promote(p, ws)
     # 64 MiB of weights keep the promotion inside its staging copy long enough to be caught there.
     pixel_reader_candidate(ws, read_channel=1, weights_bytes=64 << 20)
     proc = popen_promote(ws)
@@ -211,15 +215,15 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     registry = Registry.open(ws, p.registry)
     production = registry.production()
     assert production is not None and production.version in (1, 2)
-    assert Path(production.model_path).is_file() and production.card["version"] == production.version
+    assert Path(production.model_path).is_file() and production.card.version == production.version
     import onnxruntime as ort
 
     ort.InferenceSession(production.model_path, providers=["CPUExecutionProvider"])
     # The lock died with the process; the next promotion cleans up and proceeds.
-    decision = promote(ws, p)
+    decision = promote(p, ws)
     assert decision.promoted or "already production" in decision.summary
     assert not list(model_dir.glob(".staging-*"))
-    assert registry.production().card["export"]["sha256"] == json.loads(ws.export_report.read_text())["sha256"]
+    assert registry.production().card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
 
 
 def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
@@ -227,20 +231,20 @@ def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     (ws.root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
     nested_split(ws, right=(50, 50, 50))
     pixel_reader_candidate(ws, read_channel=0)
-    decision = promote(ws, params_mod.load(ws.params_file))
+    decision = promote(params_mod.load(ws.params_file), ws)
     version_dir = tmp_path / "registry" / "clf" / str(decision.version)
-    card = json.loads((version_dir / "card.json").read_text())
+    card = Card.read(version_dir / "card.json", "promote")
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ws.root, text=True, capture_output=True, check=True
     ).stdout.strip()
-    assert card["git_rev"].startswith(head)
-    assert card["data"]["md5"] == "0123456789abcdef0123456789abcdef.dir"
-    assert card["data"]["data_profile"] == {"pixel_mean": 0.1}
-    assert card["params"]["registry"]["model_name"] == "clf"
-    assert card["gate"]["first_model"] is True and card["gate"]["promoted"] is True
-    assert card["verification"]["provider_active"] == "cpu" and card["verification"]["cuda_verified"] is False
-    assert card["export"]["input"]["dtype"] == "uint8" and card["classes"] == CLASSES3
-    assert (version_dir / "weights.pt").read_bytes() == ws.candidate_weights.read_bytes()
+    assert card.git_rev is not None and card.git_rev.startswith(head)
+    assert card.data.md5 == "0123456789abcdef0123456789abcdef.dir"
+    assert card.validation.data_profile.pixel_mean == 0.1
+    assert card.params["registry"]["model_name"] == "clf"
+    assert card.gate.first_model and card.gate.promoted and card.gate == decision
+    assert card.verification.provider_active == "cpu" and card.verification.cuda_verified is False
+    assert card.export.input.dtype == "uint8" and card.classes == CLASSES3
+    assert (version_dir / "weights.pt").read_bytes() == ws.candidate.read_bytes()
 
 
 def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None:
@@ -249,11 +253,11 @@ def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None
     rgb[0, 0] = 255  # red
     rgb[1] = 200  # light grey
     write_split(ws, rgb, np.array([0, 1]), CLASSES3)
-    from tasks.prepared import load_split
+    from tasks.data.prepared import load_split
 
     split = load_split(ws, "test")
-    assert images_for_contract(split, {"channels": 3, "image_size": 4}) is split.images
-    gray = images_for_contract(split, {"channels": 1, "image_size": 8})
+    assert images_for_contract(split, input_contract(3, 4)) is split.images
+    gray = images_for_contract(split, input_contract(1, 8))
     assert gray.shape == (2, 1, 8, 8)
     assert int(gray[1].min()) == int(gray[1].max()) == 200
     assert int(gray[0, 0, 0, 0]) == 76  # ITU-R 601 luma of pure red, as PIL converts

@@ -11,35 +11,29 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from candidate_factory import CLASSES3, export_contract, pixel_reader_onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tasks.errors import RegistryError
+from tasks.fs.hashing import file_digest
 from tasks.params import RegistryParams
 from tasks.registry import CONFIG, HISTORY, LABELS, Registry
+from tasks.registry.status import RegistryStatus
+
+from candidate_factory import (
+    CLASSES3,
+    export_contract,
+    make_card,
+    pixel_reader_onnx,
+    publish_pixel_reader,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 PARAMS = RegistryParams(uri="registry", model_name="clf", max_batch_size=16, lock_timeout_s=30.0)
 
 
-def _version_files(tmp_path: Path, tag: int, classes: list[str] = CLASSES3) -> tuple[dict[str, Path], dict]:
-    src = tmp_path / f"candidate{tag}"
-    pixel_reader_onnx(src / "model.onnx", len(classes), 3, 4, read_channel=tag % 3)
-    (src / "weights.pt").write_bytes(f"weights {tag}".encode())
-    card = {
-        "classes": classes,
-        "export": export_contract(src / "model.onnx", src / "weights.pt", classes, 3, 4),
-        "metrics": {"accuracy": 0.5 + tag / 100},
-        "verification": {"provider_active": "cpu", "cuda_verified": False},
-    }
-    return {"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}, card
-
-
 def _publish(registry: Registry, tmp_path: Path, tag: int, classes: list[str] = CLASSES3) -> int:
-    files, card = _version_files(tmp_path, tag, classes)
-    with registry.lock():
-        return registry.publish(files, card, history={"decision": f"test {tag}"})
+    return publish_pixel_reader(registry, tmp_path / f"candidate{tag}", tag % 3, classes, accuracy=0.5 + tag / 100)
 
 
 @pytest.fixture
@@ -49,7 +43,7 @@ def registry(tmp_path: Path) -> Registry:
 
 def test_empty_registry_has_no_production_and_reading_creates_nothing(registry: Registry, tmp_path: Path) -> None:
     assert registry.production() is None and registry.production_weights() is None
-    assert registry.status() == {"registry": registry.location, "production": None, "history": []}
+    assert registry.status() == RegistryStatus(registry=registry.location, production=None, history=[])
     with pytest.raises(RegistryError, match="no production version"):
         registry.rollback()
     assert not (tmp_path / "registry").exists()
@@ -63,8 +57,8 @@ def test_publish_writes_the_triton_layout(registry: Registry, tmp_path: Path) ->
     assert (model_dir / LABELS).read_text() == "cat\ndog\neel\n"
     info = registry.production()
     assert info is not None and info.version == 1 and Path(info.model_path) == model_dir / "1" / "model.onnx"
-    assert info.card["version"] == 1 and info.card["files"]["weights.pt"]
-    assert registry.production_weights().read_bytes() == b"weights 1"
+    assert info.card.version == 1 and info.card.files["weights.pt"] == file_digest(model_dir / "1" / "weights.pt")
+    assert registry.production_weights().read_bytes() == b"weights of candidate1"
     assert [e["event"] for e in registry.history()] == ["promote"]
 
 
@@ -87,7 +81,10 @@ def test_config_pbtxt_parses_under_tritons_schema_and_pins_production(registry: 
 
 
 def test_publish_outside_the_lock_is_a_bug(registry: Registry, tmp_path: Path) -> None:
-    files, card = _version_files(tmp_path, 1)
+    src = tmp_path / "candidate"
+    pixel_reader_onnx(src / "model.onnx", 3, 3, 4, read_channel=0)
+    files = {"model.onnx": src / "model.onnx"}
+    card = make_card(1, "clf", files, export_contract(src / "model.onnx", src / "model.onnx", CLASSES3, 3, 4), 0.5)
     with pytest.raises(AssertionError, match="lock"):
         registry.publish(files, card, history={})
 
@@ -119,9 +116,9 @@ def test_rollback_to_previous_and_to_a_named_version(registry: Registry, tmp_pat
 
 def test_status_has_the_cli_shape(registry: Registry, tmp_path: Path) -> None:
     _publish(registry, tmp_path, 1)
-    status = json.loads(json.dumps(registry.status()))
+    status = json.loads(json.dumps(registry.status().to_json()))
     prod = status["production"]
-    assert prod["version"] == 1 and prod["metrics"] == {"accuracy": 0.51}
+    assert prod["version"] == 1 and prod["metrics"] == {"accuracy": 0.51, "macro_f1": 0.51, "n_test": 3}
     assert Path(prod["model_path"]).is_file() and prod["cuda_verified"] is False
     assert status["history"][-1]["event"] == "promote"
 
@@ -188,7 +185,7 @@ def test_fsspec_url_registry_publishes_reads_and_rolls_back(tmp_path: Path) -> N
     with fsspec.open(info.model_path, "rb") as fh:  # a URL any fsspec client opens
         assert fh.read() == (tmp_path / "candidate2" / "model.onnx").read_bytes()
     local = registry.production_weights()
-    assert local.read_bytes() == b"weights 2" and local.is_relative_to(tmp_path / "cache")
+    assert local.read_bytes() == b"weights of candidate2" and local.is_relative_to(tmp_path / "cache")
     assert registry.rollback() == 1
     assert not registry.store.exists(registry.store.path("clf", ".lock"))
     assert [e["event"] for e in registry.history()] == ["promote", "promote", "rollback"]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from candidate_factory import pixel_reader_onnx
 
+from tasks.blessing.onnx_session import open_session, versions
 from tasks.errors import RuntimeUnavailable
-from tasks.runtime import open_session, versions
+
+from candidate_factory import pixel_reader_onnx
 
 
 def _cuda_really_works() -> bool:
@@ -48,8 +49,8 @@ def test_auto_reports_what_it_fell_back_to(model: Path) -> None:
     assert session.active == ("cuda" if _cuda_really_works() else "cpu")
     assert (session.fallback_reason is None) == (session.active == "cuda")
     info = versions(session.active)
-    assert info["onnxruntime"] and info["torch"]
-    assert (info["gpu"] is None) == (session.active == "cpu")
+    assert info.onnxruntime and info.torch
+    assert (info.gpu is None) == (session.active == "cpu")
 
 
 def test_missing_model_is_named(tmp_path: Path) -> None:

@@ -27,12 +27,19 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from conftest import PROJECT, make_workspace, run
-from flows.artifacts import GATE_KEY, METRICS_KEY, PRODUCTION_KEY, VALIDATION_KEY, VERIFICATION_KEY
+from flows.artifacts import (
+    GATE_KEY,
+    METRICS_KEY,
+    PRODUCTION_KEY,
+    VALIDATION_KEY,
+    VERIFICATION_KEY,
+)
 from flows.serve import check_schedule
-from prefect_queries import artifact_keys, log_lines, scheduled_runs, task_runs
 from tasks.params import ConfigError, load, write_overrides
 from tasks.paths import Workspace
+
+from conftest import PROJECT, copy_workspace, run
+from prefect_queries import artifact_keys, log_lines, scheduled_runs, task_runs
 
 CRON, TIMEZONE, DEPLOYMENT = "17 4 * * 1", "Europe/Berlin", "weekly-test"  # not the defaults: read from params.yaml
 OVERRIDES = {
@@ -89,7 +96,7 @@ def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: floa
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("serve")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -109,7 +116,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     serve = None
     try:
         _wait_for("prefect server", lambda: _healthy(api_url), server, server_log)
-        ws = make_workspace(root / "ws", root / "dvc-remote")
+        ws = copy_workspace(workspace_template, root / "ws", root / "dvc-remote")
         write_overrides(ws.params_file, {"schedule.cron": CRON, "schedule.timezone": TIMEZONE, "schedule.deployment": DEPLOYMENT})
         serve_log = root / "serve.log"
         serve = subprocess.Popen(

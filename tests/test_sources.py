@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_class_folders
 
-from tasks import sources
+from tasks.data import sources
+from tasks.data.imaging import to_array
+from tasks.data.sources import folder, synthetic
 from tasks.errors import DataError
-from tasks.imaging import to_array
 from tasks.params import DataParams, SyntheticParams
-from tasks.sources import folder, synthetic
+
+from conftest import write_class_folders
 
 
 def _params(source: str = "synthetic", classes: int = 3, per_class: int = 4) -> DataParams:

@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from tasks import params
-from tasks.checkpoint import ResumeCheckpoint
+from tasks.blessing.reports import TrainReport
 from tasks.errors import TrainingDiverged
-from tasks.models import CANDIDATE_KEYS, build_model, load_candidate
 from tasks.params import ModelParams, TrainParams
 from tasks.paths import Workspace
-from tasks.train import HISTORY_COLUMNS, Schedule, write_history, train
+from tasks.train import HISTORY_COLUMNS, TrainSections, train, write_history
+from tasks.training.candidate import load_candidate
+from tasks.training.checkpoint import ResumeCheckpoint
+from tasks.training.models import build_model
+from tasks.training.optim import Schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -55,6 +58,11 @@ def tiny(**changes: object) -> TrainParams:
 
 
 MODEL = ModelParams(arch="resnet18", stem="cifar", weights="none")
+REGISTRY = params.load(PROJECT / "params.yaml").registry
+
+
+def run(t: TrainParams, ws: Workspace, model: ModelParams = MODEL) -> TrainReport:
+    return train(TrainSections(model=model, train=t, registry=REGISTRY), ws)
 
 
 @pytest.fixture
@@ -65,19 +73,18 @@ def ws(tmp_path: Path) -> Workspace:
 
 
 def test_train_writes_the_candidate_contract_summary_and_history(ws: Workspace) -> None:
-    result = train(tiny(epochs=4), MODEL, ws)
+    result = run(tiny(epochs=4), ws)
 
-    model, meta = load_candidate(result.candidate)
-    assert set(CANDIDATE_KEYS) - {"state_dict"} <= set(meta)
-    assert meta["classes"] == CLASSES and meta["in_channels"] == 1 and meta["image_size"] == 8
-    assert meta["device"] == "cpu" and meta["num_classes"] == 4
-    assert len(meta["normalization"]["mean"]) == 1 and meta["normalization"]["std"][0] > 0
-    assert meta["params"]["train"]["epochs"] == 4
+    candidate = load_candidate(ws.candidate)
+    assert candidate.classes == CLASSES and candidate.in_channels == 1 and candidate.image_size == 8
+    assert candidate.device == "cpu" and candidate.num_classes == 4
+    assert len(candidate.normalization["mean"]) == 1 and candidate.normalization["std"][0] > 0
+    assert candidate.params["train"]["epochs"] == 4
     assert result.test_accuracy >= 0.75, "the bands are easy; a working loop learns them in 4 epochs"
 
-    summary = json.loads(ws.train_summary.read_text())
-    assert summary["test_accuracy"] == result.test_accuracy == meta["metrics"]["test_accuracy"]
-    assert summary["batch_size"] == 16 and summary["steps_per_epoch"] == 3
+    summary = TrainReport.read(ws.train_summary, "train")
+    assert summary == result and summary.test_accuracy == candidate.metrics["test_accuracy"]
+    assert summary.batch_size == 16 and summary.steps_per_epoch == 3
 
     with ws.train_history.open() as fh:
         rows = list(csv.DictReader(fh))
@@ -85,7 +92,7 @@ def test_train_writes_the_candidate_contract_summary_and_history(ws: Workspace) 
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # annealed
     assert not ResumeCheckpoint(ws.checkpoints, "").path.exists(), "a finished run removes its checkpoint"
-    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
+    assert candidate.classifier()(torch.zeros(1, 1, 8, 8)).shape == (1, 4)
 
 
 def test_same_seed_gives_identical_weights_on_cpu(tmp_path: Path) -> None:
@@ -93,17 +100,17 @@ def test_same_seed_gives_identical_weights_on_cpu(tmp_path: Path) -> None:
     for name in ("a", "b"):
         workspace = Workspace(tmp_path / name)
         write_prepared(workspace)
-        train(tiny(epochs=1, ema_decay=0.9, augment=dataclasses.replace(tiny().augment, cutout=3)), MODEL, workspace)
-        states.append(torch.load(workspace.candidate_weights, weights_only=True)["state_dict"])
+        run(tiny(epochs=1, ema_decay=0.9, augment=dataclasses.replace(tiny().augment, cutout=3)), workspace)
+        states.append(torch.load(workspace.candidate, weights_only=True)["state_dict"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_divergence_stops_with_a_clear_error_and_leaves_no_candidate(ws: Workspace) -> None:
     ws.models.mkdir(parents=True)
-    ws.candidate_weights.write_bytes(b"stale candidate of an earlier run")
+    ws.candidate.write_bytes(b"stale candidate of an earlier run")
     with pytest.raises(TrainingDiverged, match=r"NaN or inf .* no candidate was written"):
-        train(tiny(epochs=2, lr=1e30, warmup_epochs=0.0), MODEL, ws)
-    assert not ws.candidate_weights.exists()
+        run(tiny(epochs=2, lr=1e30, warmup_epochs=0.0), ws)
+    assert not ws.candidate.exists()
     assert not any(ws.checkpoints.glob("*")) if ws.checkpoints.exists() else True
 
 
@@ -122,16 +129,15 @@ def test_frozen_backbone_trains_only_the_head_from_a_weights_file(ws: Workspace)
     torch.manual_seed(5)
     start = build_model("resnet18", "cifar", 4, 1).state_dict()
     torch.save(start, ws.root / "start.pt")
-    train(tiny(freeze="backbone"), dataclasses.replace(MODEL, weights="start.pt"), ws)
-    trained = torch.load(ws.candidate_weights, weights_only=True)["state_dict"]
+    run(tiny(freeze="backbone"), ws, dataclasses.replace(MODEL, weights="start.pt"))
+    trained = torch.load(ws.candidate, weights_only=True)["state_dict"]
     changed = {k for k in start if not torch.equal(start[k], trained[k])}
     assert changed == {"fc.weight", "fc.bias"}, "backbone weights and BatchNorm statistics stay as loaded"
 
 
 def test_a_checkpoint_of_other_parameters_is_not_resumed(ws: Workspace) -> None:
     ResumeCheckpoint(ws.checkpoints, "another run").save({"epoch": 1, "model": {}, "optimizer": {}, "history": []})
-    result = train(tiny(epochs=1), MODEL, ws)
-    assert result.resumed_from_epoch == 0
+    assert run(tiny(epochs=1), ws).resumed_from_epoch == 0
 
 
 # The killed child runs the real stage code and SIGKILLs itself in the middle of epoch 3 (step 7,
@@ -141,18 +147,18 @@ _KILLED_CHILD = textwrap.dedent(
     import os, signal, sys, torch
     sys.path.insert(0, {project!r})
     torch.set_num_threads({threads})
-    import tasks.train as stage
-    from tests.test_train import MODEL, tiny
+    import tasks.training.loop as loop
+    from tests.test_train import run, tiny
     from pathlib import Path
     from tasks.paths import Workspace
 
-    real_lr_at = stage.lr_at
+    real_lr_at = loop.lr_at
     def lr_at(step, *args):
         if step == 7:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_lr_at(step, *args)
-    stage.lr_at = lr_at
-    stage.train(tiny(epochs=4), MODEL, Workspace(Path({root!r})))
+    loop.lr_at = lr_at
+    run(tiny(epochs=4), Workspace(Path({root!r})))
     """
 )
 
@@ -161,20 +167,20 @@ _KILLED_CHILD = textwrap.dedent(
 def test_rerun_after_kill_9_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
     reference_ws = Workspace(tmp_path / "reference")
     write_prepared(reference_ws)
-    reference = train(tiny(epochs=4), MODEL, reference_ws)
+    run(tiny(epochs=4), reference_ws)
 
     ws = Workspace(tmp_path / "killed")
     write_prepared(ws)
     child = _KILLED_CHILD.format(project=str(PROJECT), threads=torch.get_num_threads(), root=str(ws.root))
     proc = subprocess.run([sys.executable, "-c", child], cwd=PROJECT, capture_output=True, text=True, env=os.environ)
     assert proc.returncode == -9, proc.stderr
-    assert not ws.candidate_weights.exists()
+    assert not ws.candidate.exists()
     assert (ws.checkpoints / "train.pt").exists()
 
-    resumed = train(tiny(epochs=4), MODEL, ws)
+    resumed = run(tiny(epochs=4), ws)
     assert resumed.resumed_from_epoch == 2
-    expected = torch.load(reference.candidate, weights_only=True)["state_dict"]
-    actual = torch.load(resumed.candidate, weights_only=True)["state_dict"]
+    expected = load_candidate(reference_ws.candidate).state_dict
+    actual = load_candidate(ws.candidate).state_dict
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     with ws.train_history.open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, run, write_class_folders
 
 from tasks import params as params_module
-from tasks.data_contract import _mostly
+from tasks.data.contract import _mostly
+from tasks.data.imaging import encode_png
+from tasks.data.raw import write_split
+from tasks.data.reports import DataProfile, ValidationReport
+from tasks.data.sources import folder
 from tasks.errors import ValidationFailed
-from tasks.imaging import encode_png
 from tasks.params import Params
 from tasks.paths import SPLITS, Workspace
 from tasks.prepare import prepare
-from tasks.rawdata import write_split
-from tasks.sources import folder
-from tasks.validate import validate
+from tasks.registry import Registry
+from tasks.validate import ValidateSections, validate
+
+from candidate_factory import publish_pixel_reader
+from conftest import PROJECT, run, write_class_folders
 
 
 def _params(**validate_overrides) -> Params:
@@ -29,13 +32,17 @@ def _params(**validate_overrides) -> Params:
     return replace(p, data=data, validate=replace(p.validate, min_per_class=2, **validate_overrides))
 
 
+def _sections(p: Params) -> ValidateSections:
+    return params_module.sections(ValidateSections, p)
+
+
 def _ingest_folder(src: Path, ws: Workspace, p: Params) -> None:
     """data/ from a class-folder source without DVC (validate does not need versioning)."""
     dataset = folder.load(str(src), p.data.test_fraction, p.data.seed, ws.root / "cache")
     ws.data.mkdir(parents=True)
     for split in SPLITS:
         write_split(dataset.splits[split], ws.raw_split(split))
-    prepare(ws, p.data)
+    prepare(p.data, ws)
 
 
 def test_clean_class_folders_pass_and_write_the_reports(tmp_path: Path) -> None:
@@ -43,16 +50,16 @@ def test_clean_class_folders_pass_and_write_the_reports(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src" / "test", {"cat": 2, "dog": 2}, size=(9, 9), mode="L", seed=1)
     ws, p = Workspace(tmp_path / "ws"), _params()
     _ingest_folder(tmp_path / "src", ws, p)
-    summary = validate(ws, p)
-    assert summary["success"] and summary["failures"] == []
-    names = {c["name"] for c in summary["checks"]}
+    summary = validate(_sections(p), ws)
+    assert summary.success and summary.failures == []
+    names = {c.name for c in summary.checks}
     assert {"label_set", "min_per_class", "class_balance", "tensor_shape", "tensor_dtype", "no_corrupt_files",
             "duplicates_within_split", "no_train_test_leak", "no_degenerate_images"} <= names
-    profile = summary["data_profile"]
-    assert profile["label_distribution"] == {"cat": 0.5, "dog": 0.5}
-    assert (profile["n_train"], profile["n_test"]) == (8, 4) and 0.3 < profile["pixel_mean"] < 0.7
-    assert not summary["drift"]["checked"] and "no production model" in summary["drift"]["message"]
-    assert json.loads(ws.validation.read_text()) == summary
+    profile = summary.data_profile
+    assert profile.label_distribution == {"cat": 0.5, "dog": 0.5}
+    assert (profile.n_train, profile.n_test) == (8, 4) and 0.3 < profile.pixel_mean < 0.7
+    assert not summary.drift.checked and "no production model" in summary.drift.message
+    assert ValidationReport.read(ws.validation, "validate") == summary
     assert (ws.data_docs / "index.html").is_file()
 
 
@@ -70,21 +77,21 @@ def test_every_broken_rule_is_reported_with_counts_and_paths(tmp_path: Path) -> 
     ws, p = Workspace(tmp_path / "ws"), _params(max_duplicate_fraction=0.0, max_class_ratio=2.0)
     _ingest_folder(src, ws, p)
     with pytest.raises(ValidationFailed) as info:
-        validate(ws, replace(p, data=replace(p.data, image_size=8)))  # tensors were prepared at 16
+        validate(_sections(replace(p, data=replace(p.data, image_size=8))), ws)  # tensors were prepared at 16
     message = str(info.value)
     for needle in ("truncated.png", "notes.png", "leak", "test/dog/001.png (same pixels as train/dog/leaked.png)",
                    "duplicates_within_split", "blank.png", "label_set", "test/eel", "class_balance", "tensor_shape"):
         assert needle in message, f"{needle!r} missing from:\n{message}"
-    summary = json.loads(ws.validation.read_text())
-    assert not summary["success"]
-    failures = {f["check"]: f for f in summary["failures"] if f["column"] != "width"}
-    assert failures["no_corrupt_files"]["unexpected_count"] == 2
-    assert sorted(failures["no_corrupt_files"]["examples"]) == ["train/cat/truncated.png", "train/dog/notes.png"]
-    assert failures["no_train_test_leak"]["unexpected_count"] == 1
-    assert failures["duplicates_within_split"]["unexpected_count"] == 2
-    assert failures["no_degenerate_images"]["examples"] == ["train/cat/blank.png"]
-    assert failures["label_set"]["unexpected_count"] == 2
-    assert "train/eel" in failures["min_per_class"]["examples"]
+    summary = ValidationReport.read(ws.validation, "validate")
+    assert not summary.success
+    failures = {f.check: f for f in summary.failures if f.column != "width"}
+    assert failures["no_corrupt_files"].unexpected_count == 2
+    assert sorted(failures["no_corrupt_files"].examples) == ["train/cat/truncated.png", "train/dog/notes.png"]
+    assert failures["no_train_test_leak"].unexpected_count == 1
+    assert failures["duplicates_within_split"].unexpected_count == 2
+    assert failures["no_degenerate_images"].examples == ["train/cat/blank.png"]
+    assert failures["label_set"].unexpected_count == 2
+    assert "train/eel" in failures["min_per_class"].examples
     assert "tensor_dtype" not in failures and "no_corrupt_files" in failures
 
 
@@ -92,16 +99,12 @@ def test_drift_against_the_production_card(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src", {"cat": 4, "dog": 4}, size=(8, 8))
     ws, p = Workspace(tmp_path / "ws"), _params()
     _ingest_folder(tmp_path / "src", ws, p)
-    model = Path(ws.registry_uri(p.registry.uri)) / p.registry.model_name
-    (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text("version_policy: { specific: { versions: [1] } }\n")
-    production = {"label_distribution": {"cat": 0.9, "dog": 0.1}, "pixel_mean": 0.1, "pixel_std": 0.29,
-                  "n_train": 6, "n_test": 2, "content_hash": "x"}
-    (model / "1" / "card.json").write_text(json.dumps({"data": {"data_profile": production}}))  # as promote writes it
+    production = DataProfile({"cat": 0.9, "dog": 0.1}, pixel_mean=0.1, pixel_std=0.29, n_train=6, n_test=2, content_hash="x")
+    publish_pixel_reader(Registry.open(ws, p.registry), tmp_path / "production", 0, profile=production)
     with pytest.raises(ValidationFailed, match="drift_label_distribution") as info:
-        validate(ws, p)
+        validate(_sections(p), ws)
     assert "drift_pixel_mean" in str(info.value) and "drift_pixel_std" not in str(info.value)
-    assert json.loads(ws.validation.read_text())["drift"]["checked"]
+    assert ValidationReport.read(ws.validation, "validate").drift.checked
 
 
 def test_mostly_allows_exactly_the_limit() -> None:

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from candidate_factory import run_stage, tiny_candidate, write_params
 
+from tasks import params
+from tasks.blessing.reports import VerificationReport
 from tasks.errors import DataError
 from tasks.export import export
 from tasks.params import ExportParams, Params
 from tasks.paths import Workspace
-from tasks.verify import VerificationFailed, batch_of, verify
+from tasks.verify import VerificationFailed, VerifySections, batch_of, verify
+
+from candidate_factory import run_stage, tiny_candidate, write_params
 
 
-def _params(ws: Workspace, **overrides: object) -> Params:
-    return write_params(
+def _params(ws: Workspace, **overrides: object) -> VerifySections:
+    return _sections(write_params(
         ws,
         {
             "verify.provider": "cpu",
@@ -28,7 +30,11 @@ def _params(ws: Workspace, **overrides: object) -> Params:
             "registry.max_batch_size": 16,
             **overrides,
         },
-    )
+    ))
+
+
+def _sections(p: Params) -> VerifySections:
+    return params.sections(VerifySections, p)
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +54,23 @@ def test_batch_of_repeats_a_small_split() -> None:
 
 def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace) -> None:
     report = verify(_params(exported), exported)
-    assert report == json.loads(exported.verification.read_text())
-    assert report["passed"] and report["provider_requested"] == "cpu" and report["provider_active"] == "cpu"
-    assert report["cuda_verified"] is False
-    assert [p["batch"] for p in report["parity"]] == [1, 5, 16]
-    assert report["parity"][-1]["images_repeated"] is True
-    assert all(p["max_abs_diff"] <= 1e-3 and p["top1_agreement"] == 1.0 for p in report["parity"])
-    assert report["accuracy"]["onnx"] == report["accuracy"]["torch"] and report["accuracy"]["n_test"] == 12
-    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p95"]
-    assert report["throughput"]["batch"] == 16 and report["throughput"]["io_binding"] is False
-    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["gpu"] is None
+    assert report == VerificationReport.read(exported.verification, "verify")
+    assert report.passed and report.provider_requested == "cpu" and report.provider_active == "cpu"
+    assert report.cuda_verified is False
+    assert [p.batch for p in report.parity] == [1, 5, 16]
+    assert report.parity[-1].images_repeated is True
+    assert all(p.max_abs_diff <= 1e-3 and p.top1_agreement == 1.0 for p in report.parity)
+    assert report.accuracy.onnx == report.accuracy.torch and report.accuracy.n_test == 12
+    assert 0 < report.latency_ms.p50 <= report.latency_ms.p95
+    assert report.throughput.batch == 16 and report.throughput.io_binding is False
+    assert report.versions.torch == torch.__version__ and report.versions.gpu is None
 
 
 def test_failed_parity_is_named_and_still_reported(exported: Workspace) -> None:
     with pytest.raises(VerificationFailed, match="parity_batch_1.*parity_batch_5.*parity_batch_16"):
         verify(_params(exported, **{"verify.atol": 1e-15}), exported)
-    report = json.loads(exported.verification.read_text())
-    assert report["passed"] is False and "parity_batch_16" in report["failures"]
+    report = VerificationReport.read(exported.verification, "verify")
+    assert report.passed is False and "parity_batch_16" in report.failures
 
 
 def test_verifying_a_stale_export_is_refused(exported: Workspace, tmp_path: Path) -> None:
@@ -83,7 +89,7 @@ def test_requesting_cuda_fails_clearly_where_cuda_is_not_active(exported: Worksp
     proc = run_stage(exported, "tasks.verify")
     if torch.cuda.is_available():
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(exported.verification.read_text())["cuda_verified"] is True
+        assert VerificationReport.read(exported.verification, "verify").cuda_verified is True
     else:
         assert proc.returncode == 1
         assert "RuntimeUnavailable: CUDAExecutionProvider is not active" in proc.stderr

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.versioning import add, run_dvc, tracked_md5
 from tasks.errors import DataError
 from tasks.paths import Workspace
-from tasks.versioning import add, run_dvc, tracked_md5
 
 
 def test_tracked_md5_reads_a_dvc_file(tmp_path: Path) -> None:

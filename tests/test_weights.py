@@ -7,10 +7,10 @@ import torch
 
 from tasks import params
 from tasks.errors import DataError, RegistryError, RuntimeUnavailable
-from tasks.models import build_model
 from tasks.params import ModelParams
 from tasks.paths import Workspace
-from tasks.weights import imagenet_cache_file, load_initial_weights, transfer
+from tasks.training.models import build_model
+from tasks.training.weights import imagenet_cache_file, load_initial_weights, transfer
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -1,18 +1,48 @@
-"""The raw-data format of data/: one Parquet table per split with columns path, class_name, image.
+"""Raw data: the images a source yields (`RawDataset`), and their format in data/.
 
-ingest writes it, prepare reads it. Encoded image files are stored as they came, so data/ is a
-few large files rather than one file per image.
+data/ holds one Parquet table per split with columns path, class_name, image. ingest writes it,
+prepare reads it. Encoded image files are stored as they came, so data/ is a few large files
+rather than one file per image.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.errors import DataError
-from tasks.sources import RawImage
+from tasks.paths import SPLITS
+
+
+@dataclass(frozen=True)
+class RawImage:
+    path: str  # source-relative, POSIX separators; unique within the dataset
+    class_name: str
+    image: bytes  # the encoded file exactly as the source holds it
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    source: str
+    splits: dict[str, list[RawImage]]
+    details: dict[str, Any] = field(default_factory=dict)  # archive checksum, split rule, ignored files
+
+    def class_names(self) -> list[str]:
+        return sorted({img.class_name for images in self.splits.values() for img in images})
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            per_class: dict[str, int] = {}
+            for img in self.splits[split]:
+                per_class[img.class_name] = per_class.get(img.class_name, 0) + 1
+            result[split] = dict(sorted(per_class.items()))
+        return result
+
 
 ROW_GROUP = 4096  # images per Parquet row group: bounded memory for readers
 COLUMNS = ("path", "class_name", "image")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from tasks.blessing.reports import Versions
 from tasks.errors import RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -121,29 +122,24 @@ def open_session(model: Path | bytes, provider: ProviderRequest) -> Session:
     return Session(session, provider, "cpu", reason)
 
 
-def versions(active: Provider) -> dict[str, Any]:
+def versions(active: Provider) -> Versions:
     """torch, onnxruntime, CUDA, cuDNN, driver and GPU name; CUDA fields are None when not used."""
     import onnxruntime as ort
     import torch
 
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "onnx_opset_max": _max_opset(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda": None,
-        "cudnn": None,
-        "driver": None,
-        "gpu": None,
-    }
-    if active == "cuda" and torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        cudnn = torch.backends.cudnn.version()
-        info["cudnn"] = str(cudnn) if cudnn else None
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["driver"] = _nvidia_driver()
-    return info
+    cuda = active == "cuda" and torch.cuda.is_available()
+    cudnn = torch.backends.cudnn.version() if cuda else None
+    return Versions(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        onnxruntime=ort.__version__,
+        onnx_opset_max=_max_opset(),
+        cpu=platform.processor() or platform.machine(),
+        cuda=torch.version.cuda if cuda else None,
+        cudnn=str(cudnn) if cudnn else None,
+        driver=_nvidia_driver() if cuda else None,
+        gpu=torch.cuda.get_device_name(0) if cuda else None,
+    )
 
 
 def _max_opset() -> int:

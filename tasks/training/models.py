@@ -1,43 +1,18 @@
-"""The classifiers visionops trains (torchvision), the candidate file's loader, and `Deployable`.
-
-`Deployable` bakes preprocessing into the network (uint8 in, probabilities out), so evaluation,
-ONNX export and serving all see exactly the arithmetic training used.
-"""
+"""The classifiers visionops trains (torchvision): built, their head and stem found, inputs normalised."""
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
-
-from tasks.errors import DataError
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
 STEMS: tuple[str, ...] = ("cifar", "imagenet")
 
 # What torch.load(weights_only=True) raises for a truncated, foreign or non-torch file.
 TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
-
-# Keys a candidate checkpoint must carry (COMMON.md data contract "train -> models/candidate.pt").
-CANDIDATE_KEYS: tuple[str, ...] = (
-    "state_dict",
-    "arch",
-    "stem",
-    "num_classes",
-    "in_channels",
-    "image_size",
-    "classes",
-    "normalization",
-    "params",
-    "device",
-    "metrics",
-)
-
 
 def build_model(arch: str, stem: str, num_classes: int, in_channels: int) -> nn.Module:
     """A randomly initialised torchvision classifier with its stem and head adapted.
@@ -92,52 +67,29 @@ def stem_conv_name(model: nn.Module) -> str:
     return "conv1.weight" if isinstance(model, torchvision.models.ResNet) else "features.0.0.weight"
 
 
-def load_candidate(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The candidate classifier (eval mode, CPU, fp32) and its metadata (everything but weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the train stage first (dvc repro train)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except TORCH_LOAD_ERRORS as exc:
-        raise DataError(f"{path} is not a readable candidate checkpoint ({exc}); rerun the train stage") from exc
-    missing = [k for k in CANDIDATE_KEYS if k not in checkpoint]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}: not a visionops candidate; rerun the train stage")
-    model = build_model(checkpoint["arch"], checkpoint["stem"], checkpoint["num_classes"], checkpoint["in_channels"])
-    model.load_state_dict(checkpoint["state_dict"])
-    model.float().eval()
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    return model, meta
-
-
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x/255 - mean) / std``; mean/std shaped (1, C, 1, 1).
 
-    Training (tasks/augment.py) and `Deployable` both call this, so train and serve see the same
+    Training (tasks/training/augment.py) and `Deployable` (tasks/training/candidate.py) both call this, so train and serve see the same
     numbers.
     """
     return (images.to(torch.float32) - 255.0 * mean) * (1.0 / (255.0 * std))
 
 
-class Deployable(nn.Module):
-    """uint8 images (N, C, H, W) -> float32 softmax probabilities (N, num_classes)."""
+def set_train_mode(model: nn.Module, freeze: str) -> None:
+    """Train mode, except that a frozen backbone keeps its BatchNorm statistics (eval mode)."""
+    model.train()
+    if freeze == "backbone":
+        classifier_head = head(model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module is not classifier_head:
+                module.eval()
 
-    def __init__(self, classifier: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        self.classifier = classifier
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
-    @classmethod
-    def from_candidate(cls, path: Path) -> Deployable:
-        """The candidate at ``path`` with its training normalisation baked in (eval, CPU, fp32)."""
-        classifier, meta = load_candidate(path)
-        norm = meta["normalization"]
-        return cls(classifier, norm["mean"], norm["std"]).eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(normalize(images, self.mean, self.std))
-        return torch.softmax(logits.float(), dim=1)
+def freeze(model: nn.Module, mode: str) -> None:
+    """``train.freeze: backbone``: only the head's parameters keep requiring gradients."""
+    if mode == "backbone":
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in head(model).parameters():
+            parameter.requires_grad_(True)

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from tasks.fs.records import Record
 from tasks.params import GateParams
 
 
 @dataclass(frozen=True)
-class FloorCheck:
+class FloorCheck(Record):
     passed: bool
     accuracy: float
     min_accuracy: float
     min_class_recall: float
     failures: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "failures": list(self.failures)}
 
 
 def check_floor(accuracy: float, recall_by_class: Mapping[str, float], gate: GateParams) -> FloorCheck:
@@ -65,7 +62,7 @@ def mcnemar_p_worse(regressions: int, improvements: int) -> float:
 
 
 @dataclass(frozen=True)
-class PairedComparison:
+class PairedComparison(Record):
     n_images: int
     candidate_accuracy: float
     production_accuracy: float
@@ -77,9 +74,6 @@ class PairedComparison:
     confidence: float
     passed: bool
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def compare_with_production(

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks import downloads
+from tasks.data import downloads
+from tasks.data.imaging import IMAGE_SUFFIXES
+from tasks.data.raw import RawDataset, RawImage
 from tasks.errors import DataError
-from tasks.imaging import IMAGE_SUFFIXES
+from tasks.fs.hashing import file_digest
 from tasks.paths import SPLITS
-from tasks.sources import RawDataset, RawImage
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _read(path: Path) -> tuple[_Tree, dict[str, Any]]:
         return _read_directory(path), {}
     if name.endswith(TAR_SUFFIXES) or name.endswith(ZIP_SUFFIXES):
         tree = _read_zip(path) if name.endswith(ZIP_SUFFIXES) else _read_tar(path)
-        return tree, {"archive_sha256": downloads.file_digest(path, "sha256")}
+        return tree, {"archive_sha256": file_digest(path, "sha256")}
     raise DataError(f"{path}: unsupported data source: expected a directory or a {'/'.join(TAR_SUFFIXES + ZIP_SUFFIXES)} archive")
 
 

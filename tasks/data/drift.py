@@ -1,7 +1,7 @@
 """The data profile a model is trained on, and drift of new data against production's profile.
 
-Pure functions on plain dicts: the profile is stored in validation.json and in the production
-model's card (``data_profile``), and compared here.
+Pure functions: the profile (:class:`DataProfile`) is stored in validation.json and in the
+production model's card, and compared here.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
+from tasks.data.reports import DataProfile
 from tasks.params import DriftParams
 
 
@@ -25,7 +25,7 @@ class DriftCheck:
     message: str
 
 
-def data_profile(manifest: pd.DataFrame) -> dict[str, Any]:
+def data_profile(manifest: pd.DataFrame) -> DataProfile:
     """label_distribution (train), pixel_mean/std (train, 0..1), counts and a content hash."""
     decoded = manifest[manifest["decoded"]]
     train = decoded[decoded["split"] == "train"]
@@ -37,14 +37,14 @@ def data_profile(manifest: pd.DataFrame) -> dict[str, Any]:
     digest = hashlib.sha256()
     for key in sorted((decoded["split"] + ":" + decoded["content_hash"]).tolist()):
         digest.update(key.encode())
-    return {
-        "label_distribution": {str(k): round(int(v) / total, 6) for k, v in counts.items()} if total else {},
-        "pixel_mean": round(mean, 6),
-        "pixel_std": round(math.sqrt(max(second_moment - mean**2, 0.0)), 6),
-        "n_train": int((manifest["split"] == "train").sum()),
-        "n_test": int((manifest["split"] == "test").sum()),
-        "content_hash": digest.hexdigest(),
-    }
+    return DataProfile(
+        label_distribution={str(k): round(int(v) / total, 6) for k, v in counts.items()} if total else {},
+        pixel_mean=round(mean, 6),
+        pixel_std=round(math.sqrt(max(second_moment - mean**2, 0.0)), 6),
+        n_train=int((manifest["split"] == "train").sum()),
+        n_test=int((manifest["split"] == "test").sum()),
+        content_hash=digest.hexdigest(),
+    )
 
 
 def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
@@ -52,11 +52,11 @@ def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def drift_checks(current: dict[str, Any], production: dict[str, Any], p: DriftParams) -> list[DriftCheck]:
+def drift_checks(current: DataProfile, production: DataProfile, p: DriftParams) -> list[DriftCheck]:
     """Label-distribution and pixel-statistics drift of ``current`` against ``production``."""
-    tv = total_variation(current["label_distribution"], production["label_distribution"])
-    mean_shift = abs(current["pixel_mean"] - production["pixel_mean"])
-    std_shift = abs(current["pixel_std"] - production["pixel_std"])
+    tv = total_variation(current.label_distribution, production.label_distribution)
+    mean_shift = abs(current.pixel_mean - production.pixel_mean)
+    std_shift = abs(current.pixel_std - production.pixel_std)
     rows = (
         ("drift_label_distribution", tv, p.max_label_tv, "total-variation distance of the train label distribution"),
         ("drift_pixel_mean", mean_shift, p.max_mean_shift, "abs change of the mean pixel intensity (0..1)"),

@@ -7,7 +7,6 @@ permanent failure: a 404, or a file whose checksum does not match (:class:`DataE
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,10 +16,10 @@ import urllib.request
 from pathlib import Path
 
 from tasks.errors import DataError, RuntimeUnavailable
+from tasks.fs.hashing import CHUNK, file_digest
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # bytes read per step while streaming and hashing
 TIMEOUT_S = 60.0  # per socket operation, not per download
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -34,14 +33,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VISIONOPS_CACHE", Path.home() / ".cache" / "visionops")).expanduser()
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in RETRYABLE_HTTP
@@ -51,7 +42,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _stream(url: str, part: Path) -> None:
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as out:  # noqa: S310 - URL is the user's source
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as out:
         shutil.copyfileobj(response, out, CHUNK)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.errors import DataError
+from tasks.fs.hashing import files_digest
 from tasks.paths import Workspace
 
 
@@ -38,3 +39,24 @@ def load_split(ws: Workspace, split: str) -> PreparedSplit:
     if labels.min() < 0 or labels.max() >= len(classes):
         raise DataError(f"{ws.labels(split)} has labels outside 0..{len(classes) - 1} ({ws.classes}): rerun prepare")
     return PreparedSplit(images, labels.astype(np.int64), list(classes))
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Both splits of prepared/, checked to agree in shape, and a digest of the files they came from."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+    digest: str
+
+    @classmethod
+    def load(cls, ws: Workspace) -> PreparedData:
+        train, test = load_split(ws, "train"), load_split(ws, "test")
+        if train.images.shape[1:] != test.images.shape[1:]:
+            shapes = f"{train.images.shape[1:]} vs {test.images.shape[1:]}"
+            raise DataError(f"train and test images differ in shape ({shapes}): rerun the prepare stage")
+        files = [ws.images("train"), ws.labels("train"), ws.images("test"), ws.labels("test"), ws.classes]
+        return cls(train.images, train.labels, test.images, test.labels, train.classes, files_digest(files))

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from tasks.errors import DataError, RegistryError, RuntimeUnavailable
-from tasks.models import TORCH_LOAD_ERRORS, head_prefix, stem_conv_name
 from tasks.params import ModelParams, RegistryParams
 from tasks.paths import Workspace
+from tasks.training.models import TORCH_LOAD_ERRORS, head_prefix, stem_conv_name
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
 def _production_file(ws: Workspace, registry: RegistryParams | None) -> Path:
     if registry is None:
         raise AssertionError("model.weights=production needs the registry parameters")
-    from tasks.registry import Registry  # written alongside; imported only when asked for
+    from tasks.registry import (
+        Registry,  # written alongside; imported only when asked for
+    )
 
     path = Registry.open(ws, registry).production_weights()
     if path is None:

@@ -11,12 +11,13 @@ Great Expectations is imported lazily: it costs seconds a process.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tasks.data.reports import CheckResult
 from tasks.params import ValidateParams
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,6 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 MAX_EXAMPLES = 10  # paths quoted per failed expectation
 ID_COLUMN = {"images": "path", "test_images": "path", "classes": "class", "tensors": "split"}
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    success: bool
-    observed: Any  # JSON-able summary of what was measured
-    expectation: str = ""  # the Great Expectations expectation type; "" for checks outside GX
-    column: str = ""
-    unexpected_count: int = 0
-    examples: list[str] = field(default_factory=list)
-    message: str = ""
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,50 @@ continue on exactly the same curve.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tasks.errors import DataError
 from tasks.params import TrainParams
 
 # train.lr is "per 512 images" (params.yaml): the peak learning rate scales linearly with the batch.
 LR_REFERENCE_BATCH = 512
+MIN_BATCH = 16  # images; below this BatchNorm's batch statistics are too noisy to train on
 
 
 def peak_lr(p: TrainParams, batch_size: int) -> float:
     return p.lr * batch_size / LR_REFERENCE_BATCH
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How train.batch_size and the schedule adapt to the dataset's size."""
+
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+    @classmethod
+    def for_dataset(cls, p: TrainParams, n_train: int) -> Schedule:
+        # Cap the batch so an epoch has at least min_steps_per_epoch steps: 1,500 images at batch 512
+        # would be 2 steps an epoch, far too few updates for 10 epochs. The floor keeps BatchNorm's
+        # batch statistics usable; the very smallest datasets then get fewer steps instead.
+        if n_train < 2:
+            raise DataError(f"the train split has {n_train} images; training needs at least 2")
+        floor = min(MIN_BATCH, p.batch_size, n_train)
+        batch = max(floor, min(p.batch_size, n_train // p.min_steps_per_epoch))
+        steps = n_train // batch
+        return cls(
+            batch_size=batch,
+            steps_per_epoch=steps,
+            total_steps=steps * p.epochs,
+            warmup_steps=round(p.warmup_epochs * steps),
+            peak_lr=peak_lr(p, batch),
+        )
 
 
 def build_optimizer(model: nn.Module, p: TrainParams, lr: float) -> torch.optim.Optimizer:

@@ -23,29 +23,29 @@ import getpass
 import json
 import logging
 import os
-import posixpath
-import re
 import shutil
 import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import atomic_write_bytes
-from tasks.downloads import file_digest
+from tasks.blessing.evidence import Card
 from tasks.errors import RegistryError
-from tasks.flock import LockTimeout, acquire_exclusive
+from tasks.fs.flock import LockTimeout, acquire_exclusive
+from tasks.fs.hashing import file_digest
+from tasks.fs.records import RecordError, utc_now
 from tasks.params import RegistryParams
 from tasks.paths import Workspace
+from tasks.registry.status import ProductionStatus, RegistryStatus
+from tasks.registry.store import Store, fsync_dir
+from tasks.registry.triton import LABELS, config_pbtxt, pinned_version
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config.pbtxt"
-LABELS = "labels.txt"
 HISTORY = "history.jsonl"
 LOCK = ".lock"
 CARD = "card.json"
@@ -53,112 +53,14 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
 VERSION_FILES = (MODEL_FILE, WEIGHTS_FILE, CARD)
 STAGING_PREFIX = ".staging-"  # Triton ignores non-numeric subfolders of a model
-_POLICY = re.compile(r"version_policy\s*:?\s*\{\s*specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)")
 _LOCK_POLL_S = 0.2
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def config_pbtxt(model_name: str, max_batch_size: int, version: int, contract: Mapping[str, Any]) -> str:
-    """Triton model configuration (protobuf text) pinning ``version``; ``contract`` is export.json."""
-    inp, out = contract["input"], contract["output"]
-    dims = ", ".join(str(d) for d in inp["shape"][1:])
-    return (
-        f'name: "{model_name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f"version_policy: {{ specific: {{ versions: [{version}] }} }}\n"
-        "input [\n"
-        "  {\n"
-        f'    name: "{inp["name"]}"\n'
-        "    data_type: TYPE_UINT8\n"
-        "    format: FORMAT_NCHW\n"
-        f"    dims: [{dims}]\n"
-        "  }\n"
-        "]\n"
-        "output [\n"
-        "  {\n"
-        f'    name: "{out["name"]}"\n'
-        "    data_type: TYPE_FP32\n"
-        f"    dims: [{out['shape'][1]}]\n"
-        f'    label_filename: "{LABELS}"\n'
-        "  }\n"
-        "]\n"
-        "dynamic_batching { }\n"
-    )
 
 
 @dataclass(frozen=True)
 class ProductionInfo:
     version: int
     model_path: str  # local path or fsspec URL of <N>/model.onnx
-    card: dict[str, Any]
-
-
-class _Store:
-    """Files under the registry root, on a local disk or through fsspec."""
-
-    def __init__(self, uri: str) -> None:
-        import fsspec
-
-        self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-
-    def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def url(self, path: str) -> str:
-        return path if self.local else self.fs.unstrip_protocol(path)
-
-    def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))
-
-    def read_bytes(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        if self.local:
-            atomic_write_bytes(Path(path), data)
-            Path(path).chmod(0o644)
-        else:
-            self.fs.pipe_file(path, data)  # one object PUT: readers see the old object or the new one
-
-    def append_line(self, path: str, line: str) -> None:
-        """Append one JSON line; the caller holds the lock, so appends never interleave."""
-        data = (line.rstrip("\n") + "\n").encode()
-        if self.local:
-            with open(path, "a+b") as fh:
-                fh.seek(0, os.SEEK_END)
-                if fh.tell() > 0:
-                    fh.seek(-1, os.SEEK_END)
-                    if fh.read(1) != b"\n":
-                        data = b"\n" + data  # end a line torn by a killed process; never glue onto it
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        else:
-            old = self.read_bytes(path) if self.exists(path) else b""
-            if old and not old.endswith(b"\n"):
-                old += b"\n"
-            self.fs.pipe_file(path, old + data)
-
-    def numeric_dirs(self, path: str) -> list[int]:
-        if not self.exists(path):
-            return []
-        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)]
-        return sorted(int(n) for n in names if n.isdigit() and not n.startswith("0"))
-
-    def fetch(self, path: str, dest: Path) -> Path:
-        """A local file for ``path``: itself on a local disk, a cached download otherwise."""
-        if self.local:
-            return Path(path)
-        if not dest.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(dest, self.read_bytes(path))
-        return dest
+    card: Card
 
 
 def _user() -> str:
@@ -168,19 +70,11 @@ def _user() -> str:
         return f"uid{os.getuid()}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Registry:
     """One model's repository; every change runs under `lock()`."""
 
     def __init__(self, uri: str, p: RegistryParams, cache: Path) -> None:
-        self.store = _Store(uri)
+        self.store = Store(uri)
         self.params = p
         self.model_name = p.model_name
         self.cache = cache / p.model_name
@@ -204,19 +98,22 @@ class Registry:
         if not self.store.exists(config):
             return None
         text = self.store.read_bytes(config).decode()
-        match = _POLICY.search(text)
-        if match is None:
+        version = pinned_version(text)
+        if version is None:
             raise RegistryError(
                 f"{self.store.url(config)} has no version_policy {{ specific {{ versions: [N] }} }}: "
                 "it was edited by hand; restore it with `visionops rollback --to N`"
             )
-        return int(match.group(1))
+        return version
 
-    def card(self, version: int) -> dict[str, Any]:
+    def card(self, version: int) -> Card:
         path = self._p(str(version), CARD)
         if not self.store.exists(path):
             raise RegistryError(f"{self.store.url(path)} is missing: version {version} is incomplete")
-        return json.loads(self.store.read_bytes(path))
+        try:
+            return Card.from_json(json.loads(self.store.read_bytes(path)), where=self.store.url(path))
+        except (ValueError, RecordError) as exc:
+            raise RegistryError(f"{self.store.url(path)} is not a readable card: {exc}") from exc
 
     def production(self) -> ProductionInfo | None:
         version = self.production_version()
@@ -224,7 +121,7 @@ class Registry:
             return None
         return ProductionInfo(version, self.store.url(self._p(str(version), MODEL_FILE)), self.card(version))
 
-    def production_card(self) -> dict[str, Any] | None:
+    def production_card(self) -> Card | None:
         info = self.production()
         return info.card if info else None
 
@@ -234,7 +131,7 @@ class Registry:
         if not self.store.exists(path):
             raise RegistryError(f"{self.store.url(path)} not found in the registry")
         local = self.store.fetch(path, self.cache / str(version) / name)
-        expected = self.card(version).get("files", {}).get(name)
+        expected = self.card(version).files.get(name)
         if expected and not self.store.local and file_digest(local) != expected:
             local.unlink()
             raise RegistryError(f"download of {self.store.url(path)} does not match its card's sha256; retry")
@@ -274,29 +171,11 @@ class Registry:
             log.warning("skipped %d torn line(s) of %s (lines %s)", len(torn), self.store.url(path), torn[:10])
         return entries
 
-    def status(self, limit: int = 20) -> dict[str, Any]:
+    def status(self, limit: int = 20) -> RegistryStatus:
         """The `visionops status --json` shape: production (or None) and the recent history."""
         info = self.production()
-        production = None
-        if info is not None:
-            card = info.card
-            verification = card.get("verification", {})
-            production = {
-                "version": info.version,
-                "model_path": info.model_path,
-                "metrics": {
-                    k: card["metrics"][k] for k in ("accuracy", "macro_f1", "n_test") if k in card.get("metrics", {})
-                },
-                "promoted_at": card.get("promoted_at"),
-                "classes": card.get("classes"),
-                "input": card.get("export", {}).get("input"),
-                "provider_verified": verification.get("provider_active"),
-                "cuda_verified": bool(verification.get("cuda_verified", False)),
-                "gate": card.get("gate", {}).get("summary"),
-                "git_rev": card.get("git_rev"),
-                "data_md5": card.get("data", {}).get("md5"),
-            }
-        return {"registry": self.location, "production": production, "history": self.history()[-limit:]}
+        production = None if info is None else ProductionStatus.of(info.card, info.model_path)
+        return RegistryStatus(registry=self.location, production=production, history=self.history()[-limit:])
 
     # writing (under the lock)
     @contextlib.contextmanager
@@ -382,16 +261,11 @@ class Registry:
             raise AssertionError("registry writes must run inside `with registry.lock():`")
 
     def _append_history(self, entry: dict[str, Any]) -> None:
-        entry = {"at": now(), "by": f"{_user()}@{socket.gethostname()}", **entry}
+        entry = {"at": utc_now(), "by": f"{_user()}@{socket.gethostname()}", **entry}
         self.store.append_line(self._p(HISTORY), json.dumps(entry, sort_keys=False))
 
-    def _next_version(self) -> int:
-        # Counts incomplete folders too, so a number is never reused for different bytes.
-        existing = self.store.numeric_dirs(self._p())
-        return (existing[-1] if existing else 0) + 1
-
-    def _write_version(self, version: int, files: Mapping[str, Path], card: dict[str, Any]) -> None:
-        card_bytes = (json.dumps(card, indent=2) + "\n").encode()
+    def _write_version(self, version: int, files: Mapping[str, Path], card: Card) -> None:
+        card_bytes = (json.dumps(card.to_json(), indent=2) + "\n").encode()
         if self.store.local:
             staging = Path(self._p(f"{STAGING_PREFIX}{uuid.uuid4().hex}"))
             staging.mkdir(parents=True)
@@ -403,36 +277,43 @@ class Registry:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             staging.chmod(0o755)
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.rename(staging, self._p(str(version)))  # atomic: the folder appears whole
-            _fsync_dir(Path(self._p()))
+            fsync_dir(Path(self._p()))
         else:
             for name, src in files.items():
                 self.store.fs.put_file(str(src), self._p(str(version), name))
             self.store.fs.pipe_file(self._p(str(version), CARD), card_bytes)
 
-    def _activate(self, version: int, card: Mapping[str, Any]) -> None:
+    def _activate(self, version: int, card: Card) -> None:
         """Point production at ``version``: labels first, then the pointer (config.pbtxt)."""
-        self.store.write_atomic(self._p(LABELS), ("\n".join(card["classes"]) + "\n").encode())
+        self.store.write_atomic(self._p(LABELS), ("\n".join(card.classes) + "\n").encode())
         # The batch limit this version was verified at, not whatever params.yaml says today.
-        max_batch = card.get("params", {}).get("registry", {}).get("max_batch_size", self.params.max_batch_size)
-        text = config_pbtxt(self.model_name, int(max_batch), version, card["export"])
+        max_batch = card.params.get("registry", {}).get("max_batch_size", self.params.max_batch_size)
+        text = config_pbtxt(self.model_name, int(max_batch), version, card.export)
         self.store.write_atomic(self._p(CONFIG), text.encode())
 
-    def publish(self, files: Mapping[str, Path], card: dict[str, Any], history: Mapping[str, Any]) -> int:
+    def next_version(self) -> int:
+        """The number the next published version gets (call under the lock)."""
+        self._require_lock()
+        # Counts incomplete folders too, so a number is never reused for different bytes.
+        existing = self.store.numeric_dirs(self._p())
+        return (existing[-1] if existing else 0) + 1
+
+    def publish(self, files: Mapping[str, Path], card: Card, history: Mapping[str, Any]) -> int:
         """Add a new version holding ``files`` and ``card`` and make it production; its number."""
         self._require_lock()
         missing = [n for n in (MODEL_FILE,) if n not in files]
         if missing or set(files) - set(VERSION_FILES):
             raise AssertionError(f"publish needs {MODEL_FILE} (+ {WEIGHTS_FILE}), got {sorted(files)}")
+        version = self.next_version()
+        hashes = {name: file_digest(path) for name, path in files.items()}
+        if (card.version, card.model_name, card.files) != (version, self.model_name, hashes):
+            raise AssertionError(
+                f"the card describes version {card.version} of {card.model_name} with {card.files};"
+                f" publishing version {version} of {self.model_name} with {hashes}"
+            )
         previous = self.production_version()
-        version = self._next_version()
-        card = {
-            **card,
-            "version": version,
-            "model_name": self.model_name,
-            "files": {name: file_digest(path) for name, path in files.items()},
-        }
         self._write_version(version, files, card)
         self._activate(version, card)
         self._append_history({"event": "promote", "version": version, "previous": previous, **history})

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import downloads
+from tasks.data import downloads
+from tasks.data.imaging import encode_png
+from tasks.data.raw import RawDataset, RawImage
 from tasks.errors import DataError
-from tasks.imaging import encode_png
-from tasks.sources import RawDataset, RawImage
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # published on https://www.cs.toronto.edu/~kriz/cifar.html

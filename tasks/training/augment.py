@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.models import normalize
 from tasks.params import AugmentParams, ConfigError
+from tasks.training.models import normalize
 
 # Images per chunk when computing statistics: bounds float64 temporaries to ~100 MB at 32 px.
 _STATS_CHUNK = 4096

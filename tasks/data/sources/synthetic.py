@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tasks.imaging import encode_png
+from tasks.data.imaging import encode_png
+from tasks.data.raw import RawDataset, RawImage
 from tasks.params import SyntheticParams
 from tasks.paths import SPLITS
-from tasks.sources import RawDataset, RawImage
 
 RENDER_SIZE = 32  # px; prepare resizes to data.image_size
 NOISE_STD = 0.06  # pixel noise, on the 0..1 scale
@@ -134,5 +134,5 @@ def generate(p: SyntheticParams, seed: int) -> RawDataset:
     return RawDataset(
         source="synthetic",
         splits=splits,
-        details={"generator": "tasks.sources.synthetic", "seed": seed, "render_size": RENDER_SIZE},
+        details={"generator": "tasks.data.sources.synthetic", "seed": seed, "render_size": RENDER_SIZE},
     )

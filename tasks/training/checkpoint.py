@@ -11,30 +11,16 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tasks.atomic import atomic_write_bytes
-from tasks.models import TORCH_LOAD_ERRORS
+from tasks.fs.atomic import atomic_write_bytes
+from tasks.training.models import TORCH_LOAD_ERRORS
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20  # bytes read per hashing step
-
-
-def files_digest(paths: Iterable[Path]) -> str:
-    """sha256 over the names and bytes of ``paths``, in the order given."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            while block := fh.read(_CHUNK):
-                digest.update(block)
-    return digest.hexdigest()
-
 
 def run_key(params: Mapping[str, Any], data_digest: str) -> str:
     """What makes two runs the same run: every parameter that shapes training, and the data."""
