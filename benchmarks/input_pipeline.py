@@ -2,7 +2,7 @@
 
 Both produce the same thing per epoch: shuffled batches of normalised float32 images after a
 random 32x32 crop of the 4-px padded image and a random horizontal flip. Ours works on a uint8
-tensor of the whole split (tasks/augment.py); the baseline does RandomCrop(32, padding=4),
+tensor of the whole split (tasks/training/augment.py); the baseline does RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor and Normalize on one PIL image at a time, as the torchvision
 CIFAR-10 tutorials do. The last line printed is ``speedup: <x>x``.
 

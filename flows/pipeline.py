@@ -18,7 +18,7 @@ from prefect.states import Completed, State
 
 from flows import artifacts
 from flows.overrides import check_overrides
-from flows.stages import (
+from flows.prefect_tasks import (
     REJECTED,
     StageRun,
     dvc_stage,
@@ -81,6 +81,9 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
                 clock.measure(stage, dvc_stage.with_options(name=stage), ws, stage)
             clock.measure("promote", promote_candidate, ws, params)
         except GateRejected as exc:
+            # The rejection path: a stage exits 3 (or promote raises GateRejected) -> its task ends in a
+            # Completed state named Rejected -> StageClock.measure raises GateRejected again here -> the
+            # flow returns a Completed state named Rejected -> `visionops run` exits 3 (pipeline_exit_code).
             artifacts.publish_production(production_status(ws, params), changed=False)
             clock.report(log, time.monotonic() - started)
             log.warning("candidate rejected: %s; production stays at version %s", exc, before)

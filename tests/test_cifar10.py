@@ -1,4 +1,4 @@
-"""tasks/sources/cifar10.py: the official binary format, parsed without unpickling, checksum-verified."""
+"""tasks/data/sources/cifar10.py: the official binary format, parsed without unpickling, checksum-verified."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from prefect.states import Completed, Crashed, Failed
 
 from flows.cli import main, pipeline_exit_code
-from flows.stages import REJECTED, StageFailed
+from flows.prefect_tasks import REJECTED, StageFailed
 from tasks.errors import VisionopsError
 from tasks.params import load
 from tasks.paths import Workspace

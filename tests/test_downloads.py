@@ -1,4 +1,4 @@
-"""tasks/downloads.py: cached, checksum-verified downloads; transient failures retried then typed."""
+"""tasks/data/downloads.py: cached, checksum-verified downloads; transient failures retried then typed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tasks/drift.py: the data profile and drift against production's profile."""
+"""tasks/data/drift.py: the data profile and drift against production's profile."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tasks/imaging.py: one encoded image -> (C, H, W) uint8, the same for training and serving."""
+"""tasks/data/imaging.py: one encoded image -> (C, H, W) uint8, the same for training and serving."""
 
 from __future__ import annotations
 

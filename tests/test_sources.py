@@ -1,4 +1,4 @@
-"""tasks/sources: synthetic and class-folder sources (directories, .tar, .zip, URLs)."""
+"""tasks/data/sources: synthetic and class-folder sources (directories, .tar, .zip, URLs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tasks/validate.py + tasks/data_contract.py: the Great Expectations contract on prepared data."""
+"""tasks/validate.py + tasks/data/contract.py: the Great Expectations contract on prepared data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tasks/versioning.py: the real dvc command, its errors turned into messages that say what to do."""
+"""tasks/data/versioning.py: the real dvc command, its errors turned into messages that say what to do."""
 
 from __future__ import annotations
 

@@ -48,9 +48,7 @@ def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
 def _production_file(ws: Workspace, registry: RegistryParams | None) -> Path:
     if registry is None:
         raise AssertionError("model.weights=production needs the registry parameters")
-    from tasks.registry import (
-        Registry,  # written alongside; imported only when asked for
-    )
+    from tasks.registry import Registry  # lazy: only model.weights=production reads the registry
 
     path = Registry.open(ws, registry).production_weights()
     if path is None:

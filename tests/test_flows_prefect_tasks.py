@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prefect.states import Completed, Failed
 
-from flows.stages import (
+from flows.prefect_tasks import (
     REJECTED,
     StageFailed,
     _transient,
@@ -58,7 +58,7 @@ def repo(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path)
 
 
-LOG = logging.getLogger("test_flows_stages")
+LOG = logging.getLogger("test_flows_prefect_tasks")
 
 
 def test_a_stage_runs_then_is_skipped_when_up_to_date(repo: Workspace, caplog: pytest.LogCaptureFixture) -> None:
@@ -122,7 +122,7 @@ def test_ingest_retries_only_transient_download_errors() -> None:
 RUNNER = """
 import logging, sys
 from pathlib import Path
-from flows.stages import run_dvc_stage
+from flows.prefect_tasks import run_dvc_stage
 from flows.workspace_lock import workspace_lock
 from tasks.paths import Workspace
 ws = Workspace(Path(sys.argv[1]))
