@@ -78,8 +78,12 @@ def _decode(value: Any, tp: Any, where: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return tuple(_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+            return tuple(_decode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecordError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_decode(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         _key, item = typing.get_args(tp)
         return {str(k): _decode(v, item, f"{where}.{k}") for k, v in value.items()}
