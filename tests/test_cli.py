@@ -97,6 +97,7 @@ def test_pipeline_states_map_to_exit_codes(capsys: pytest.CaptureFixture[str]) -
         pipeline_exit_code(Crashed(message="worker died"))
 
 
+@pytest.mark.integration
 def test_the_console_script_is_installed_and_reports_usage_errors(tmp_path: Path) -> None:
     proc = run(["visionops", "--workspace", str(tmp_path), "run", "--nope"], tmp_path, check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --nope" in proc.stderr
@@ -105,6 +106,7 @@ def test_the_console_script_is_installed_and_reports_usage_errors(tmp_path: Path
         assert command in proc.stdout
 
 
+@pytest.mark.integration
 def test_ingest_from_a_class_folder_versions_it_and_records_the_source(workspace: Workspace, tmp_path: Path) -> None:
     from PIL import Image
 

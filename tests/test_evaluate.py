@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.blessing.reports import MetricsReport
+from tasks.errors import GateRejected
 from tasks.evaluate import confusion_csv, evaluate
 from tasks.fs.hashing import file_digest
 from tasks.params import GateParams
@@ -41,14 +42,22 @@ def test_evaluate_writes_reports_that_agree(tmp_path: Path) -> None:
     assert result == MetricsReport.read(ws.metrics, 'evaluate') and result.gate.passed
 
 
-def test_failed_floor_writes_reports_then_exits_3(tmp_path: Path) -> None:
+def test_failed_floor_writes_its_reports_then_rejects(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    tiny_candidate(ws, n_test=12)
+    with pytest.raises(GateRejected, match=r"gate\.min_accuracy 1\.0000"):
+        evaluate(GateParams(min_accuracy=1.0, min_class_recall=1.0, max_regression=0.0, confidence=0.95), ws)
+    metrics = json.loads(ws.metrics.read_text())
+    assert metrics["gate"]["passed"] is False
+    assert any("recall of class" in f for f in metrics["gate"]["failures"])
+    assert len(ws.confusion.read_text().splitlines()) == 13
+
+
+@pytest.mark.integration
+def test_the_stage_entry_exits_3_on_a_failed_floor(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     tiny_candidate(ws, n_test=12)
     write_params(ws, {"gate.min_accuracy": 1.0, "gate.min_class_recall": 1.0})
     proc = run_stage(ws, "tasks.evaluate")
     assert proc.returncode == 3, proc.stderr
     assert "GateRejected" in proc.stderr and "gate.min_accuracy 1.0000" in proc.stderr
-    metrics = json.loads(ws.metrics.read_text())
-    assert metrics["gate"]["passed"] is False
-    assert any("recall of class" in f for f in metrics["gate"]["failures"])
-    assert len(ws.confusion.read_text().splitlines()) == 13

@@ -16,6 +16,8 @@ from tasks.paths import Workspace
 
 from candidate_factory import tiny_candidate
 
+pytestmark = pytest.mark.integration  # torch.onnx export: seconds per model
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Workspace:

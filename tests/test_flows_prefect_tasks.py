@@ -26,7 +26,7 @@ from tasks.data.downloads import TransientDownloadError
 from tasks.errors import DataError, GateRejected
 from tasks.paths import Workspace
 
-from conftest import PROJECT, run
+from conftest import PROJECT
 
 ENTRY_ERROR = "import logging, sys; logging.basicConfig(format='%(asctime)s %(name)s %(levelname)s %(message)s');"
 
@@ -36,8 +36,8 @@ def _stage(cmd: str, out: str | None = None) -> dict:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Workspace:
-    """A git+DVC repo whose dvc.yaml has one stage per outcome."""
+def repo(workspace: Workspace) -> Workspace:
+    """A git+DVC workspace whose dvc.yaml has one stage per outcome."""
     py = Path(sys.executable).name  # stage_env() puts this interpreter's bin/ first on PATH
     stages = {
         "ok": _stage(f"{py} -c \"open('out.txt', 'w').write('done')\"", "out.txt"),
@@ -52,15 +52,14 @@ def repo(tmp_path: Path) -> Workspace:
             f"{py} -c \"import time; open('started', 'w'); time.sleep(4); open('slow.txt', 'w').write('done')\"", "slow.txt"
         ),
     }
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    run(["git", "init", "-q"], tmp_path)
-    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    return Workspace(tmp_path)
+    workspace.dvc_yaml.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return workspace
 
 
 LOG = logging.getLogger("test_flows_prefect_tasks")
 
 
+@pytest.mark.integration
 def test_a_stage_runs_then_is_skipped_when_up_to_date(repo: Workspace, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, LOG.name)
     first = run_dvc_stage(repo, "ok", LOG)
@@ -71,11 +70,13 @@ def test_a_stage_runs_then_is_skipped_when_up_to_date(repo: Workspace, caplog: p
     assert not second.ran
 
 
+@pytest.mark.integration
 def test_exit_3_is_a_gate_rejection_with_the_stage_reason(repo: Workspace) -> None:
     with pytest.raises(GateRejected, match=r"^reject: accuracy 0\.10 < 0\.90$"):
         run_dvc_stage(repo, "reject", LOG)
 
 
+@pytest.mark.integration
 def test_a_failure_names_the_stage_and_its_own_error(repo: Workspace) -> None:
     with pytest.raises(StageFailed) as exc:
         run_dvc_stage(repo, "crash", LOG)
@@ -83,6 +84,7 @@ def test_a_failure_names_the_stage_and_its_own_error(repo: Workspace) -> None:
     assert "exited with 1" in exc.value.tail
 
 
+@pytest.mark.integration
 def test_a_crash_without_an_error_record_reports_the_traceback_line(repo: Workspace) -> None:
     with pytest.raises(StageFailed, match=r"stage 'traceback' failed: RuntimeError: boom in the stage"):
         run_dvc_stage(repo, "traceback", LOG)
@@ -131,6 +133,7 @@ with workspace_lock(ws, "runner", 0, print):
 """
 
 
+@pytest.mark.integration
 def test_a_killed_run_keeps_the_workspace_locked_until_its_stage_has_finished(repo: Workspace) -> None:
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(repo.root)])
     try:

@@ -37,6 +37,7 @@ def holder(tmp_path: Path):
     proc.wait()
 
 
+@pytest.mark.integration
 def test_a_second_run_waits_then_gives_up_naming_the_holder(tmp_path: Path, holder: subprocess.Popen) -> None:
     waits: list[str] = []
     started = time.monotonic()
@@ -48,6 +49,7 @@ def test_a_second_run_waits_then_gives_up_naming_the_holder(tmp_path: Path, hold
     assert waits and "waiting for the workspace lock" in waits[0] and f"pid {holder.pid}" in waits[0]
 
 
+@pytest.mark.integration
 def test_the_lock_is_free_as_soon_as_a_killed_holder_is_gone(tmp_path: Path, holder: subprocess.Popen) -> None:
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
@@ -56,6 +58,7 @@ def test_the_lock_is_free_as_soon_as_a_killed_holder_is_gone(tmp_path: Path, hol
         assert info["holder"] == "after-kill" and info["pid"] == os.getpid()
 
 
+@pytest.mark.integration
 def test_a_waiting_run_gets_the_lock_when_the_holder_finishes(tmp_path: Path, holder: subprocess.Popen) -> None:
     waits: list[str] = []
     killer = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(1.5); os.kill({holder.pid}, 9)"])

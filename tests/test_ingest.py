@@ -27,6 +27,7 @@ def _snapshot(ws: Workspace) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.integration
 def test_ingest_versions_pushes_and_keeps_the_previous_version_on_failure(
     workspace: Workspace, tmp_path: Path
 ) -> None:
@@ -58,6 +59,7 @@ def test_ingest_versions_pushes_and_keeps_the_previous_version_on_failure(
     assert not list(workspace.root.glob(STAGING_PREFIX + "*"))
 
 
+@pytest.mark.integration
 def test_fresh_clone_pulls_data_byte_for_byte(workspace: Workspace, tmp_path: Path) -> None:
     write_class_folders(tmp_path / "folders", {"a": 3, "b": 3}, mode="RGBA")
     first = ingest(_params(), workspace, source=str(tmp_path / "folders"))
@@ -73,6 +75,7 @@ def test_fresh_clone_pulls_data_byte_for_byte(workspace: Workspace, tmp_path: Pa
     assert ingest(_params(), workspace, source=str(tmp_path / "folders")).md5 == first.md5
 
 
+@pytest.mark.integration
 def test_first_ingest_that_fails_leaves_no_data(workspace: Workspace) -> None:
     run(["dvc", "remote", "modify", "local", "url", "/dev/null/remote"], workspace.root)
     with pytest.raises(RuntimeUnavailable):
@@ -86,6 +89,7 @@ def test_not_a_dvc_repository_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.integration
 def test_module_entry_names_a_bad_source(tmp_path: Path) -> None:
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     proc = run(["python", "-m", "tasks.ingest", "--source", "no/such/dir"], tmp_path, check=False, env=None)

@@ -101,9 +101,9 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
 
     pixel_reader_candidate(ws, read_channel=2)
     before = tree_bytes(registry_dir)
-    proc = run_stage(ws, "tasks.promote")
-    assert proc.returncode == 3, proc.stderr
-    assert "rejected against production version 2" in proc.stderr
+    with pytest.raises(PromotionRejected, match="rejected against production version 2") as info:
+        promote(p, ws)
+    assert info.value.exit_code == 3
     assert tree_bytes(registry_dir) == before
     decision = PromotionDecision.read(ws.promotion_decision, "promote")
     assert not decision.promoted and decision.comparison is not None and decision.comparison.regressions == 24
@@ -111,6 +111,7 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
     assert Registry.open(ws, p.registry).production().version == 2
 
 
+@pytest.mark.integration
 def test_refuses_a_candidate_not_verified_on_the_required_provider(tmp_path: Path) -> None:
     registry_dir = tmp_path / "registry"
     ws = make_ws(tmp_path / "ws", registry_dir, **{"promote.require_provider": "cuda"})
@@ -155,6 +156,7 @@ def test_stale_evidence_is_refused(tmp_path: Path) -> None:
         promote(p, ws)
 
 
+@pytest.mark.integration
 def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_path: Path) -> None:
     registry_dir = tmp_path / "registry"
     # production 30/60 right; candidate B 42/60 (beats production); candidate A 60/60 (beats both).
@@ -186,6 +188,7 @@ def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_p
     assert production.card.export.sha256 == ExportReport.read(a.export_report, "export").sha256
 
 
+@pytest.mark.integration
 def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> None:
     registry_dir = tmp_path / "registry"
     ws = make_ws(tmp_path / "ws", registry_dir)
@@ -226,6 +229,7 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     assert registry.production().card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
 
 
+@pytest.mark.integration
 def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     ws = make_ws(workspace.root, tmp_path / "registry")
     (ws.root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")

@@ -139,6 +139,7 @@ def test_history_skips_a_torn_last_line_and_recovers_a_missing_entry(registry: R
     assert (last["event"], last["version"]) == ("recover", 1)
 
 
+@pytest.mark.integration
 def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [

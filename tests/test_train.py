@@ -186,6 +186,7 @@ def test_rerun_after_kill_9_resumes_and_ends_with_the_uninterrupted_weights(tmp_
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_dvc_plots_show_renders_the_training_curves(workspace: Workspace) -> None:
     history = [
         {"epoch": e, "train_loss": 2.0 / e, "test_accuracy": 0.2 * e, "lr": 0.1 / e, "images_per_s": 100.0 + e}

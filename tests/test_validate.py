@@ -45,6 +45,7 @@ def _ingest_folder(src: Path, ws: Workspace, p: Params) -> None:
     prepare(p.data, ws)
 
 
+@pytest.mark.integration
 def test_clean_class_folders_pass_and_write_the_reports(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src" / "train", {"cat": 4, "dog": 4}, size=(20, 14))
     write_class_folders(tmp_path / "src" / "test", {"cat": 2, "dog": 2}, size=(9, 9), mode="L", seed=1)
@@ -63,6 +64,7 @@ def test_clean_class_folders_pass_and_write_the_reports(tmp_path: Path) -> None:
     assert (ws.data_docs / "index.html").is_file()
 
 
+@pytest.mark.integration
 def test_every_broken_rule_is_reported_with_counts_and_paths(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_class_folders(src / "train", {"cat": 6, "dog": 2}, size=(12, 12))
@@ -95,6 +97,7 @@ def test_every_broken_rule_is_reported_with_counts_and_paths(tmp_path: Path) -> 
     assert "tensor_dtype" not in failures and "no_corrupt_files" in failures
 
 
+@pytest.mark.integration
 def test_drift_against_the_production_card(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src", {"cat": 4, "dog": 4}, size=(8, 8))
     ws, p = Workspace(tmp_path / "ws"), _params()
@@ -114,6 +117,7 @@ def test_mostly_allows_exactly_the_limit() -> None:
     assert _mostly(0, n) == 1.0
 
 
+@pytest.mark.integration
 def test_stage_entry_exits_non_zero_naming_the_leak(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src" / "train", {"a": 3, "b": 3}, size=(8, 8))
     write_class_folders(tmp_path / "src" / "test", {"a": 2, "b": 2}, size=(8, 8), seed=5)

@@ -52,6 +52,7 @@ def test_batch_of_repeats_a_small_split() -> None:
     assert batch_of(images, 2)[1] is False
 
 
+@pytest.mark.integration
 def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace) -> None:
     report = verify(_params(exported), exported)
     assert report == VerificationReport.read(exported.verification, "verify")
@@ -66,6 +67,7 @@ def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace
     assert report.versions.torch == torch.__version__ and report.versions.gpu is None
 
 
+@pytest.mark.integration
 def test_failed_parity_is_named_and_still_reported(exported: Workspace) -> None:
     with pytest.raises(VerificationFailed, match="parity_batch_1.*parity_batch_5.*parity_batch_16"):
         verify(_params(exported, **{"verify.atol": 1e-15}), exported)
@@ -73,6 +75,7 @@ def test_failed_parity_is_named_and_still_reported(exported: Workspace) -> None:
     assert report.passed is False and "parity_batch_16" in report.failures
 
 
+@pytest.mark.integration
 def test_verifying_a_stale_export_is_refused(exported: Workspace, tmp_path: Path) -> None:
     stale = Workspace(tmp_path)
     for path in (exported.export_report, exported.onnx_model):
@@ -84,6 +87,7 @@ def test_verifying_a_stale_export_is_refused(exported: Workspace, tmp_path: Path
         verify(_params(stale), stale)
 
 
+@pytest.mark.integration
 def test_requesting_cuda_fails_clearly_where_cuda_is_not_active(exported: Workspace) -> None:
     _params(exported, **{"verify.provider": "cuda"})
     proc = run_stage(exported, "tasks.verify")

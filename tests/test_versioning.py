@@ -22,6 +22,7 @@ def test_outside_a_dvc_repository_says_how_to_make_one(tmp_path: Path) -> None:
         run_dvc(Workspace(tmp_path), "status")
 
 
+@pytest.mark.integration
 def test_dvc_failure_quotes_dvc(workspace: Workspace) -> None:
     with pytest.raises(DataError, match=r"`dvc add --quiet nothing-here` failed .*exit 1"):
         add(workspace, workspace.root / "nothing-here")
