@@ -101,7 +101,10 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.94, help="test accuracy for time-to-accuracy")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu_train: CUDA is not available (torch sees no GPU); run this on a machine with an NVIDIA GPU", file=sys.stderr)
+        print(
+            "gpu_train: CUDA is not available (torch sees no GPU); run this on a machine with an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 2
 
     source = Workspace(args.workspace.resolve())
@@ -142,20 +145,32 @@ def main() -> int:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"data: {data}")
-    print(f"recipe: {m.arch} {m.stem} stem, {p.epochs} epochs, batch {result.batch_size}, peak lr {result.peak_lr:.4g}, {p.optimizer}, {p.schedule}, compile={p.compile}")
+    print(
+        f"recipe: {m.arch} {m.stem} stem, {p.epochs} epochs, batch {result.batch_size},"
+        f" peak lr {result.peak_lr:.4g}, {p.optimizer}, {p.schedule}, compile={p.compile}"
+    )
     print(f"test accuracy: {result.test_accuracy:.4f}")
-    print(f"training time: {result.train_seconds:.1f} s (steps only; stage wall time incl. evaluation and checkpoints {wall:.1f} s)")
+    print(
+        f"training time: {result.train_seconds:.1f} s"
+        f" (steps only; stage wall time incl. evaluation and checkpoints {wall:.1f} s)"
+    )
     print(f"images/s: {result.images_per_s:,.0f} mean, {steady:,.0f} best epoch after the first")
     if time_to_target is None:
         print(f"time to {args.target:.0%}: not reached in {p.epochs} epochs")
     else:
         print(f"time to {args.target:.0%}: {time_to_target[1]:.1f} s of training (epoch {time_to_target[0]})")
     achieved = flops_per_image * steady
-    print(f"training FLOPs per image: {flops_per_image / 1e9:.2f} GFLOP (forward + backward); achieved {achieved / 1e12:.1f} TFLOP/s")
+    print(
+        f"training FLOPs per image: {flops_per_image / 1e9:.2f} GFLOP (forward + backward);"
+        f" achieved {achieved / 1e12:.1f} TFLOP/s"
+    )
     if peak is None:
         print(f"fraction of peak bf16: unknown (no datasheet peak for {name!r} in PEAK_BF16)")
     else:
-        print(f"fraction of peak bf16: {achieved / peak:.1%} of an assumed {peak / 1e12:.0f} TFLOP/s dense bf16 for {name}")
+        print(
+            f"fraction of peak bf16: {achieved / peak:.1%}"
+            f" of an assumed {peak / 1e12:.0f} TFLOP/s dense bf16 for {name}"
+        )
     return 0
 
 

@@ -25,9 +25,9 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from tasks import params as params_mod
-from tasks.errors import RuntimeUnavailable
-from tasks.paths import Workspace
+from tasks import params as params_mod  # noqa: E402
+from tasks.errors import RuntimeUnavailable  # noqa: E402
+from tasks.paths import Workspace  # noqa: E402
 
 BATCHES = (1, 256)
 

@@ -84,7 +84,8 @@ def main() -> None:
     # Alternate and keep each side's best epoch: on a shared machine, other load only slows an epoch down.
     ours_rate = baseline_rate = 0.0
     for _ in range(args.repeats):
-        ours_rate = max(ours_rate, images_per_second(ours.train_batches(args.batch, augment, generator), usable, device))
+        ours_batches = ours.train_batches(args.batch, augment, generator)
+        ours_rate = max(ours_rate, images_per_second(ours_batches, usable, device))
         baseline_rate = max(baseline_rate, images_per_second(loader, usable, device))
 
     print(

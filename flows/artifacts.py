@@ -88,8 +88,12 @@ def validation_description(report: ValidationReport) -> str:
 
 
 def metrics_table(report: MetricsReport) -> list[dict[str, Any]]:
-    rows = [{"class": name, **{k: _cell(v) for k, v in scores.to_json().items()}} for name, scores in report.per_class.items()]
-    rows.append({"class": "(all)", "precision": "", "recall": "", "f1": _cell(report.macro_f1), "support": report.n_test})
+    rows = [
+        {"class": name, **{k: _cell(v) for k, v in scores.to_json().items()}}
+        for name, scores in report.per_class.items()
+    ]
+    total = {"precision": "", "recall": "", "f1": _cell(report.macro_f1), "support": report.n_test}
+    rows.append({"class": "(all)", **total})
     return rows
 
 

@@ -207,12 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     set_help = "override a params.yaml key, as `dvc exp run -S` (repeatable; written into params.yaml)"
-    quick = command("quickstart", cmd_quickstart, "offline demo: synthetic data, CPU-sized settings, whole flow, promotion")
+    quick = command(
+        "quickstart", cmd_quickstart, "offline demo: synthetic data, CPU-sized settings, whole flow, promotion"
+    )
     quick.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     run = command("run", cmd_run, "run the training pipeline flow")
     run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     ingest = command("ingest", cmd_ingest, "ingest a new data version into data/ (dvc add + push)")
-    ingest.add_argument("--source", help="synthetic | cifar10 | class-folder dir, .tar or .zip (path or URL); default data.source")
+    ingest.add_argument(
+        "--source", help="synthetic | cifar10 | class-folder dir, .tar or .zip (path or URL); default data.source"
+    )
     command("promote", cmd_promote, "promote the verified candidate if it passes the gate against production")
     rollback = command("rollback", cmd_rollback, "move production back")
     rollback.add_argument("--to", type=int, metavar="N", help="the version to restore (default: the previous one)")

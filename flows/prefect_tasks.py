@@ -44,7 +44,13 @@ INGEST_RETRIES = 3  # on top of the downloader's own quick retries: waits of 60,
 INGEST_BACKOFF_S = 60.0
 REJECTED = "Rejected"  # the final state of a task or flow run whose candidate a gate rejected
 # DVC's advice after each stage (git add dvc.lock, dvc push): noise in a run log, kept at DEBUG.
-_DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging", "dvc config core.autostage", "Use `dvc push`")
+_DVC_HINTS = (
+    "To track the changes with git",
+    "git add ",
+    "To enable auto staging",
+    "dvc config core.autostage",
+    "Use `dvc push`",
+)
 _DVC_FAILED = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 

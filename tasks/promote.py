@@ -107,7 +107,8 @@ def promote(p: Params, ws: Workspace) -> PromotionDecision:
     )
     failures = precondition_failures(evidence, p.gate, p.promote.require_provider)
     if failures:
-        raise _refuse(ws, replace(decision, summary="candidate refused before comparison with production", reasons=failures))
+        summary = "candidate refused before comparison with production"
+        raise _refuse(ws, replace(decision, summary=summary, reasons=failures))
     assert evidence.export is not None and v is not None  # the floor passed, so export and verify ran
 
     split = load_split(ws, "test")

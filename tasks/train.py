@@ -44,7 +44,7 @@ _EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s draws from generator seed s 
 
 
 def _eta(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
@@ -112,7 +112,8 @@ def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Sc
     ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     eval_model = model
     if ema is not None:  # the average is evaluated in a second model, so training continues from the raw weights
-        eval_model = build_model(m.arch, m.stem, len(data.classes), channels).to(device, memory_format=torch.channels_last)
+        eval_model = build_model(m.arch, m.stem, len(data.classes), channels)
+        eval_model = eval_model.to(device, memory_format=torch.channels_last)
     return _Run(
         model=model,
         step_model=torch.compile(model) if t.compile else model,
@@ -261,7 +262,8 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
             weights_source=run.weights_source,
             data_digest=data.digest,
             metrics={
-                k: getattr(report, k) for k in ("test_accuracy", "train_loss", "epochs", "train_seconds", "images_per_s")
+                k: getattr(report, k)
+                for k in ("test_accuracy", "train_loss", "epochs", "train_seconds", "images_per_s")
             },
         ),
     )

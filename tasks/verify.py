@@ -150,7 +150,8 @@ def _verify_model(
                 f"{label}parity_batch_{batch}",
                 result.passed,
                 f"max abs diff {result.max_abs_diff:.3g} (atol {atol:g}), top-1 agreement"
-                f" {result.top1_agreement:.4f} (min {p.min_agreement}){'' if result.finite else ', NON-FINITE outputs'}",
+                f" {result.top1_agreement:.4f} (min {p.min_agreement})"
+                f"{'' if result.finite else ', NON-FINITE outputs'}",
             )
         )
     ort_probs = session.probabilities(split.images, max_batch)

@@ -216,7 +216,9 @@ def verification_report(export: ExportReport, provider: str = "cpu", passed: boo
         atol=1e-3,
         min_agreement=0.99,
         parity=[parity],
-        accuracy=AccuracyMatch(onnx=1.0, torch=1.0, difference=0.0, tolerance=0.01, top1_agreement=1.0, max_abs_diff=0.0, n_test=1),
+        accuracy=AccuracyMatch(
+            onnx=1.0, torch=1.0, difference=0.0, tolerance=0.01, top1_agreement=1.0, max_abs_diff=0.0, n_test=1
+        ),
         latency_ms=Latency(p50=1.0, p95=1.0, runs=1),
         throughput=Throughput(batch=1, runs=1, images_per_s=1.0, io_binding=False),
         fp16=None,

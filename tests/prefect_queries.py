@@ -32,17 +32,27 @@ def _of_run(flow_run_id: UUID) -> FlowRunFilter:
 def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID) -> set[str]:
     """Keys of the artifacts of a flow run, made in its tasks or in the flow itself."""
     # An (always sent) task-run filter would drop the flow's own artifacts: filter on the artifact.
-    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": PAGE, "offset": 0, "sort": "CREATED_DESC"}
+    body = {
+        "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+        "limit": PAGE,
+        "offset": 0,
+        "sort": "CREATED_DESC",
+    }
     return {a["key"] for a in client.request("POST", "/artifacts/filter", json=body).json() if a["key"]}
 
 
 def task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> list[TaskRun]:
-    return client.read_task_runs(flow_run_filter=_of_run(flow_run_id), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=PAGE)
+    return client.read_task_runs(
+        flow_run_filter=_of_run(flow_run_id), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=PAGE
+    )
 
 
 def log_lines(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
     logs = client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=PAGE, offset=0, sort=LogSort.TIMESTAMP_ASC
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+        limit=PAGE,
+        offset=0,
+        sort=LogSort.TIMESTAMP_ASC,
     )
     return [entry.message for entry in logs]
 

@@ -52,6 +52,7 @@ def test_binary_records_become_the_same_pixels_and_labels(tmp_path: Path) -> Non
     assert first.path == "data_batch_1.bin/00000.png"
     np.testing.assert_array_equal(to_array(first.image, 32, 3), pixels[0])
     test_labels, test_pixels = truth["test_batch.bin"]
+    assert data.splits["test"][2].class_name == CLASSES[test_labels[2]]
     np.testing.assert_array_equal(to_array(data.splits["test"][2].image, 32, 3), test_pixels[2])
 
 
@@ -70,7 +71,7 @@ def test_download_verifies_the_md5_and_caches(tmp_path: Path) -> None:
 def test_an_archive_without_the_published_checksum_is_refused_and_deleted(tmp_path: Path) -> None:
     archive = tmp_path / "served.tar.gz"
     _archive(archive)  # well-formed, but not the file published on https://www.cs.toronto.edu/~kriz/cifar.html
-    with pytest.raises(DataError, match="checksum mismatch .* expected c32a1d4ab5d03f1284b67883e8d87530"):
+    with pytest.raises(DataError, match=r"checksum mismatch .* expected c32a1d4ab5d03f1284b67883e8d87530"):
         cifar10.load(tmp_path / "cache", url=archive.as_uri())  # the default checksum is the published one
     assert not list((tmp_path / "cache").iterdir())
 

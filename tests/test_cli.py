@@ -79,7 +79,9 @@ def test_status_before_any_promotion(ws: Path, capsys: pytest.CaptureFixture[str
     assert status["production"] is None and status["history"] == []
 
 
-def test_rollback_and_predict_without_production_exit_1_with_one_line(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rollback_and_predict_without_production_exit_1_with_one_line(
+    ws: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _main(ws, "rollback") == 1
     assert "no production version to roll back from" in capsys.readouterr().err
     assert _main(ws, "predict", str(ws / "params.yaml")) == 1

@@ -20,7 +20,7 @@ def test_cpu_is_always_available_and_described_with_its_threads() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda_is_an_error_and_auto_falls_back_to_cpu() -> None:
-    with pytest.raises(RuntimeUnavailable, match="train.device is cuda"):
+    with pytest.raises(RuntimeUnavailable, match=r"train\.device is cuda"):
         select_device("cuda")
     assert select_device("auto").type == "cpu"
 

@@ -33,7 +33,7 @@ def test_fetch_copies_and_verifies(tmp_path: Path) -> None:
 def test_checksum_mismatch_is_a_data_error(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload")
-    with pytest.raises(DataError, match="checksum mismatch.*expected 0+"):
+    with pytest.raises(DataError, match=r"checksum mismatch.*expected 0+"):
         fetch(src.as_uri(), tmp_path / "cache" / "a.bin", md5="0" * 32)
     assert not (tmp_path / "cache" / "a.bin").exists()
 

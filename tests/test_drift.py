@@ -15,10 +15,10 @@ def _manifest(pixels: np.ndarray, classes: list[str]) -> pd.DataFrame:
     flat = pixels.reshape(len(pixels), -1) / 255.0
     return pd.DataFrame({
         "split": ["train"] * len(pixels) + ["test"],
-        "class_name": classes + ["a"],
+        "class_name": [*classes, "a"],
         "content_hash": [f"h{i}" for i in range(len(pixels))] + [None],
-        "mean": list(flat.mean(axis=1)) + [None],
-        "std": list(flat.std(axis=1)) + [None],
+        "mean": [*flat.mean(axis=1), None],
+        "std": [*flat.std(axis=1), None],
         "decoded": [True] * len(pixels) + [False],
     })
 
@@ -46,7 +46,9 @@ def test_total_variation() -> None:
 
 def test_drift_checks_compare_with_thresholds() -> None:
     current = DataProfile({"a": 0.5, "b": 0.5}, pixel_mean=0.50, pixel_std=0.20, n_train=2, n_test=2, content_hash="c")
-    production = DataProfile({"a": 0.7, "b": 0.3}, pixel_mean=0.45, pixel_std=0.40, n_train=2, n_test=2, content_hash="p")
+    production = DataProfile(
+        {"a": 0.7, "b": 0.3}, pixel_mean=0.45, pixel_std=0.40, n_train=2, n_test=2, content_hash="p"
+    )
     checks = {c.name: c for c in drift_checks(current, production, DriftParams(0.15, 0.1, 0.1))}
     assert not checks["drift_label_distribution"].success and checks["drift_label_distribution"].observed == 0.2
     assert checks["drift_pixel_mean"].success

@@ -47,7 +47,9 @@ METRICS = MetricsReport(
 def test_validation_table_lists_checks_and_failures_with_examples() -> None:
     rows = validation_table(VALIDATION)
     assert rows[0] == {"check": "label_set", "result": "pass", "observed": '["a", "b"]'}
-    assert rows[1] == {"check": "no_leakage (leak)", "result": "FAIL", "observed": "4 unexpected, e.g. t/1.png, t/2.png, t/3.png"}
+    assert rows[1] == {
+        "check": "no_leakage (leak)", "result": "FAIL", "observed": "4 unexpected, e.g. t/1.png, t/2.png, t/3.png"
+    }
     assert validation_description(VALIDATION) == (
         "Data validation FAILED (1 expectations): 120 train / 40 test images, content hash abc123"
     )
@@ -57,7 +59,9 @@ def test_metrics_table_has_one_row_per_class_and_a_total() -> None:
     rows = metrics_table(METRICS)
     assert [r["class"] for r in rows] == ["a", "b", "(all)"]
     assert rows[1]["recall"] == 0.25 and rows[2]["f1"] == 0.45 and rows[2]["support"] == 40
-    assert metrics_description(METRICS).startswith("Test accuracy 0.5000 on 40 images, macro F1 0.4500; accuracy floor 0.9 FAILED")
+    assert metrics_description(METRICS).startswith(
+        "Test accuracy 0.5000 on 40 images, macro F1 0.4500; accuracy floor 0.9 FAILED"
+    )
 
 
 def test_floor_markdown_gives_the_numbers_and_says_production_is_unchanged() -> None:
@@ -68,7 +72,8 @@ def test_floor_markdown_gives_the_numbers_and_says_production_is_unchanged() -> 
 
 
 def test_flatten_names_nested_fields_with_dots() -> None:
-    rows = flatten({"provider_active": "cpu", "parity": {"1": {"max_abs_diff": 1e-7}, "7": {"agreement": 1.0}}, "runs": [1, 2]})
+    parity = {"1": {"max_abs_diff": 1e-7}, "7": {"agreement": 1.0}}
+    rows = flatten({"provider_active": "cpu", "parity": parity, "runs": [1, 2]})
     assert rows == [
         {"field": "provider_active", "value": "cpu"},
         {"field": "parity.1.max_abs_diff", "value": 0.0},

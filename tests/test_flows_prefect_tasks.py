@@ -31,6 +31,11 @@ from conftest import PROJECT
 ENTRY_ERROR = "import logging, sys; logging.basicConfig(format='%(asctime)s %(name)s %(levelname)s %(message)s');"
 
 
+def _failing(py: str, error: str, code: int) -> str:
+    """A stage command that logs ``error`` as tasks.entry does, then exits ``code``."""
+    return f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('{error}'); sys.exit({code})\""
+
+
 def _stage(cmd: str, out: str | None = None) -> dict:
     return {"cmd": cmd, **({"outs": [out]} if out else {})}
 
@@ -41,15 +46,12 @@ def repo(workspace: Workspace) -> Workspace:
     py = Path(sys.executable).name  # stage_env() puts this interpreter's bin/ first on PATH
     stages = {
         "ok": _stage(f"{py} -c \"open('out.txt', 'w').write('done')\"", "out.txt"),
-        "reject": _stage(
-            f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('GateRejected: accuracy 0.10 < 0.90'); sys.exit(3)\""
-        ),
-        "crash": _stage(
-            f"{py} -c \"{ENTRY_ERROR} logging.getLogger('visionops').error('DataError: data/train.parquet not found'); sys.exit(1)\""
-        ),
+        "reject": _stage(_failing(py, "GateRejected: accuracy 0.10 < 0.90", 3)),
+        "crash": _stage(_failing(py, "DataError: data/train.parquet not found", 1)),
         "traceback": _stage(f"{py} -c \"raise RuntimeError('boom in the stage')\""),
         "slow": _stage(
-            f"{py} -c \"import time; open('started', 'w'); time.sleep(4); open('slow.txt', 'w').write('done')\"", "slow.txt"
+            f"{py} -c \"import time; open('started', 'w'); time.sleep(4); open('slow.txt', 'w').write('done')\"",
+            "slow.txt",
         ),
     }
     workspace.dvc_yaml.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
@@ -99,7 +101,8 @@ def test_failure_reason_keeps_a_multi_line_error_and_drops_dvc_lines() -> None:
         "ERROR: failed to reproduce 'validate': failed to run: python -m tasks.validate, exited with 1",
     ]
     assert failure_reason(lines) == (
-        "ValidationFailed: 2 expectations failed: - label set: unexpected class 'zebra' - leak: 3 test images also in train"
+        "ValidationFailed: 2 expectations failed:"
+        " - label set: unexpected class 'zebra' - leak: 3 test images also in train"
     )
 
 

@@ -24,7 +24,8 @@ def test_without_cuda_the_quickstart_verifies_on_cpu_and_says_so() -> None:
     overrides, notes = quickstart_overrides(cuda=False, extra={})
     assert overrides["promote.require_provider"] == "cpu" and overrides["verify.provider"] == "cpu"
     assert overrides["data.source"] == "synthetic"
-    assert any("no CUDA device found" in n and "promote.require_provider=cpu" in n and "verify.provider=cpu" in n for n in notes)
+    needles = ("no CUDA device found", "promote.require_provider=cpu", "verify.provider=cpu")
+    assert any(all(needle in n for needle in needles) for n in notes)
 
 
 def test_with_cuda_the_defaults_stay_and_extra_overrides_win() -> None:

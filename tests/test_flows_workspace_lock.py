@@ -41,9 +41,11 @@ def holder(tmp_path: Path):
 def test_a_second_run_waits_then_gives_up_naming_the_holder(tmp_path: Path, holder: subprocess.Popen) -> None:
     waits: list[str] = []
     started = time.monotonic()
-    with pytest.raises(WorkspaceBusy, match=r"holder-process \(pid \d+") as exc:
-        with workspace_lock(Workspace(tmp_path), "second", 1.5, waits.append):
-            pytest.fail("the lock was granted while another process held it")
+    with (
+        pytest.raises(WorkspaceBusy, match=r"holder-process \(pid \d+") as exc,
+        workspace_lock(Workspace(tmp_path), "second", 1.5, waits.append),
+    ):
+        pytest.fail("the lock was granted while another process held it")
     assert time.monotonic() - started >= 1.5
     assert "schedule.lock_timeout_s" in str(exc.value)
     assert waits and "waiting for the workspace lock" in waits[0] and f"pid {holder.pid}" in waits[0]

@@ -99,7 +99,7 @@ def test_bad_override_leaves_params_yaml_byte_for_byte(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(PROJECT_PARAMS.read_text())
     before = path.read_bytes()
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
         params.write_overrides(path, {"data.source": "x", "train.epochs": "many"})
     assert path.read_bytes() == before
 

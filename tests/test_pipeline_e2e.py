@@ -134,7 +134,8 @@ def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quicks
     registry = quickstart.ws.root / "registry"
     before = _tree(registry)
     # The candidate was verified on onnxruntime's CPU provider; demanding CUDA must refuse it.
-    code = main(["--workspace", str(quickstart.ws.root), "run", "-S", "verify.provider=cpu", "-S", "promote.require_provider=cuda"])
+    overrides = ["-S", "verify.provider=cpu", "-S", "promote.require_provider=cuda"]
+    code = main(["--workspace", str(quickstart.ws.root), "run", *overrides])
     assert code == 3
     assert _tree(registry) == before
     with get_client(sync_client=True) as client:

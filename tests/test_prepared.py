@@ -32,7 +32,7 @@ def test_loads_images_labels_and_classes(tmp_path: Path) -> None:
 
 def test_missing_file_names_it(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
-    with pytest.raises(DataError, match="test_images.npy not found"):
+    with pytest.raises(DataError, match=r"test_images\.npy not found"):
         load_split(ws, "test")
 
 

@@ -139,7 +139,7 @@ def test_the_floor_is_reapplied_with_current_params(tmp_path: Path) -> None:
     ws = make_ws(tmp_path / "ws", tmp_path / "registry", **{"gate.min_accuracy": 0.95})
     nested_split(ws, right=(40, 40, 40))
     pixel_reader_candidate(ws, read_channel=0, accuracy=0.9)  # evaluate passed it under an older, lower floor
-    with pytest.raises(PromotionRejected, match="accuracy 0.9000 < gate.min_accuracy 0.9500"):
+    with pytest.raises(PromotionRejected, match=r"accuracy 0\.9000 < gate\.min_accuracy 0\.9500"):
         promote(params_mod.load(ws.params_file), ws)
 
 
@@ -149,10 +149,10 @@ def test_stale_evidence_is_refused(tmp_path: Path) -> None:
     pixel_reader_candidate(ws, read_channel=0)
     p = params_mod.load(ws.params_file)
     pixel_reader_onnx(ws.onnx_model, 3, 3, 4, read_channel=2)  # re-exported after verification
-    with pytest.raises(DataError, match="verification.json were written for another candidate"):
+    with pytest.raises(DataError, match=r"verification\.json were written for another candidate"):
         promote(p, ws)
     ws.candidate.write_bytes(b"retrained since the reports were written")
-    with pytest.raises(DataError, match="metrics.json was written for another candidate"):
+    with pytest.raises(DataError, match=r"metrics\.json was written for another candidate"):
         promote(p, ws)
 
 

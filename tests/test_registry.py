@@ -151,7 +151,8 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
             from pathlib import Path
             from tasks.params import RegistryParams
             from tasks.registry import Registry
-            reg = Registry({str(tmp_path / "registry")!r}, RegistryParams("r", "clf", 16, 30.0), Path({str(tmp_path)!r}))
+            params = RegistryParams("r", "clf", 16, 30.0)
+            reg = Registry({str(tmp_path / "registry")!r}, params, Path({str(tmp_path)!r}))
             with reg.lock():
                 print("locked", flush=True)
                 time.sleep(3)

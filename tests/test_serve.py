@@ -117,7 +117,9 @@ def served(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory) -
     try:
         _wait_for("prefect server", lambda: _healthy(api_url), server, server_log)
         ws = copy_workspace(workspace_template, root / "ws", root / "dvc-remote")
-        write_overrides(ws.params_file, {"schedule.cron": CRON, "schedule.timezone": TIMEZONE, "schedule.deployment": DEPLOYMENT})
+        write_overrides(
+            ws.params_file, {"schedule.cron": CRON, "schedule.timezone": TIMEZONE, "schedule.deployment": DEPLOYMENT}
+        )
         serve_log = root / "serve.log"
         serve = subprocess.Popen(
             ["visionops", "serve"], cwd=ws.root, env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
@@ -194,7 +196,10 @@ def _span(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[float, float]:
 def test_two_triggered_runs_complete_promote_and_never_overlap(served: Served) -> None:
     # Exactly what a user types; the second run is triggered from Python at the same moment.
     proc = run(
-        ["prefect", "deployment", "run", f"training-pipeline/{DEPLOYMENT}", "--params", json.dumps({"overrides": OVERRIDES})],
+        [
+            "prefect", "deployment", "run", f"training-pipeline/{DEPLOYMENT}",
+            "--params", json.dumps({"overrides": OVERRIDES}),
+        ],
         served.ws.root, env=served.env,
     )  # fmt: skip
     first = UUID(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))

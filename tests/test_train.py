@@ -196,7 +196,12 @@ def test_dvc_plots_show_renders_the_training_curves(workspace: Workspace) -> Non
     proc = subprocess.run(["dvc", "plots", "show", "--json"], cwd=workspace.root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     plots = json.loads(proc.stdout)["data"]
-    curves = {"train_loss": "train_loss", "test_accuracy": "test_accuracy", "learning_rate": "lr", "throughput": "images_per_s"}
+    curves = {
+        "train_loss": "train_loss",
+        "test_accuracy": "test_accuracy",
+        "learning_rate": "lr",
+        "throughput": "images_per_s",
+    }
     for plot_id, column in curves.items():
         content = plots[plot_id][0]["content"]
         rows = content["data"]["values"]

@@ -102,7 +102,9 @@ def test_drift_against_the_production_card(tmp_path: Path) -> None:
     write_class_folders(tmp_path / "src", {"cat": 4, "dog": 4}, size=(8, 8))
     ws, p = Workspace(tmp_path / "ws"), _params()
     _ingest_folder(tmp_path / "src", ws, p)
-    production = DataProfile({"cat": 0.9, "dog": 0.1}, pixel_mean=0.1, pixel_std=0.29, n_train=6, n_test=2, content_hash="x")
+    production = DataProfile(
+        {"cat": 0.9, "dog": 0.1}, pixel_mean=0.1, pixel_std=0.29, n_train=6, n_test=2, content_hash="x"
+    )
     publish_pixel_reader(Registry.open(ws, p.registry), tmp_path / "production", 0, profile=production)
     with pytest.raises(ValidationFailed, match="drift_label_distribution") as info:
         validate(_sections(p), ws)

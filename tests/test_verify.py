@@ -69,7 +69,7 @@ def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace
 
 @pytest.mark.integration
 def test_failed_parity_is_named_and_still_reported(exported: Workspace) -> None:
-    with pytest.raises(VerificationFailed, match="parity_batch_1.*parity_batch_5.*parity_batch_16"):
+    with pytest.raises(VerificationFailed, match=r"parity_batch_1.*parity_batch_5.*parity_batch_16"):
         verify(_params(exported, **{"verify.atol": 1e-15}), exported)
     report = VerificationReport.read(exported.verification, "verify")
     assert report.passed is False and "parity_batch_16" in report.failures

@@ -40,7 +40,7 @@ def test_rgb_stem_weights_are_summed_for_grayscale_input() -> None:
 
 def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "arch": "resnet34"}, tmp_path / "other.pt")
-    with pytest.raises(DataError, match="holds a resnet34 but model.arch is resnet18"):
+    with pytest.raises(DataError, match=r"holds a resnet34 but model\.arch is resnet18"):
         model = build_model("resnet18", "cifar", 4, 3)
         load_initial_weights(model, ModelParams("resnet18", "cifar", "other.pt"), Workspace(tmp_path))
     wrong = build_model("mobilenet_v3_small", "cifar", 4, 3).state_dict()

@@ -84,7 +84,8 @@ def compare_with_production(
     production_correct = np.asarray(production_correct, dtype=bool)
     if candidate_correct.shape != production_correct.shape or candidate_correct.ndim != 1:
         raise ValueError(
-            f"paired comparison needs two equal 1-D arrays, got {candidate_correct.shape} and {production_correct.shape}"
+            "paired comparison needs two equal 1-D arrays,"
+            f" got {candidate_correct.shape} and {production_correct.shape}"
         )
     n = int(candidate_correct.size)
     if n == 0:

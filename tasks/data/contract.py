@@ -59,7 +59,9 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
             gxe.ExpectCompoundColumnsToBeUnique(
                 column_list=["split", "content_hash"], ignore_row_if="any_value_is_missing",
                 mostly=1.0 - p.max_duplicate_fraction,
-                meta=meta("duplicates_within_split", f"at most {p.max_duplicate_fraction:.2%} exact duplicates in a split"),
+                meta=meta(
+                    "duplicates_within_split", f"at most {p.max_duplicate_fraction:.2%} exact duplicates in a split"
+                ),
             ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="std", min_value=p.min_pixel_std, mostly=_mostly(p.max_degenerate, n_images),
@@ -87,24 +89,37 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
             ),
         ],
         "tensors": [
-            gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"], meta=meta("tensor_dtype", "images are uint8")),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="dtype", value_set=["uint8"], meta=meta("tensor_dtype", "images are uint8")
+            ),
             gxe.ExpectColumnValuesToBeInSet(
                 column="label_dtype", value_set=["int64"], meta=meta("label_dtype", "labels are int64")
             ),
             gxe.ExpectColumnValuesToBeBetween(
-                column="channels", min_value=channels, max_value=channels, meta=meta("tensor_shape", f"{channels} channels")
+                column="channels",
+                min_value=channels,
+                max_value=channels,
+                meta=meta("tensor_shape", f"{channels} channels"),
             ),
             gxe.ExpectColumnValuesToBeBetween(
-                column="height", min_value=image_size, max_value=image_size, meta=meta("tensor_shape", f"height {image_size}")
+                column="height",
+                min_value=image_size,
+                max_value=image_size,
+                meta=meta("tensor_shape", f"height {image_size}"),
             ),
             gxe.ExpectColumnValuesToBeBetween(
-                column="width", min_value=image_size, max_value=image_size, meta=meta("tensor_shape", f"width {image_size}")
+                column="width",
+                min_value=image_size,
+                max_value=image_size,
+                meta=meta("tensor_shape", f"width {image_size}"),
             ),
             gxe.ExpectColumnPairValuesToBeEqual(
                 column_A="rows", column_B="decoded", meta=meta("tensor_rows", "one tensor row per decoded manifest row")
             ),
             gxe.ExpectColumnPairValuesToBeEqual(
-                column_A="label_rows", column_B="decoded", meta=meta("tensor_rows", "one label per decoded manifest row")
+                column_A="label_rows",
+                column_B="decoded",
+                meta=meta("tensor_rows", "one label per decoded manifest row"),
             ),
         ],
     }
@@ -151,7 +166,9 @@ def _examples(batch: str, result: dict[str, Any]) -> list[str]:
     return examples[:MAX_EXAMPLES]
 
 
-def run(p: ValidateParams, image_size: int, channels: int, inputs: ContractInputs, data_docs: Path) -> list[CheckResult]:
+def run(
+    p: ValidateParams, image_size: int, channels: int, inputs: ContractInputs, data_docs: Path
+) -> list[CheckResult]:
     """Run every suite, build the Data Docs at ``data_docs``, and return one result per expectation."""
     import great_expectations as gx
 
@@ -187,7 +204,10 @@ def run(p: ValidateParams, image_size: int, channels: int, inputs: ContractInput
                 CheckResult(
                     name=config.meta["check"],
                     success=bool(item.success),
-                    observed={"unexpected_count": unexpected, "element_count": int(result.get("element_count") or len(frame))},
+                    observed={
+                        "unexpected_count": unexpected,
+                        "element_count": int(result.get("element_count") or len(frame)),
+                    },
                     expectation=config.type,
                     column=column,
                     unexpected_count=unexpected,

@@ -70,8 +70,8 @@ def stem_conv_name(model: nn.Module) -> str:
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x/255 - mean) / std``; mean/std shaped (1, C, 1, 1).
 
-    Training (tasks/training/augment.py) and `Deployable` (tasks/training/candidate.py) both call this, so train and serve see the same
-    numbers.
+    Training (tasks/training/augment.py) and `Deployable` (tasks/training/candidate.py) both call
+    this, so train and serve see the same numbers.
     """
     return (images.to(torch.float32) - 255.0 * mean) * (1.0 / (255.0 * std))
 

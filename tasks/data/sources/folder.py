@@ -82,7 +82,9 @@ def _read_tar(archive: Path) -> _Tree:
                     assert handle is not None  # a regular file always has a payload
                     files[rel] = handle.read()
                 else:
-                    raise DataError(f"{archive}: refusing archive member {member.name!r}: not a regular file (link or device)")
+                    raise DataError(
+                        f"{archive}: refusing archive member {member.name!r}: not a regular file (link or device)"
+                    )
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{archive}: not a readable tar archive: {exc}") from exc
     return _Tree(files, folders)
@@ -127,7 +129,8 @@ def _read(path: Path) -> tuple[_Tree, dict[str, Any]]:
     if name.endswith(TAR_SUFFIXES) or name.endswith(ZIP_SUFFIXES):
         tree = _read_zip(path) if name.endswith(ZIP_SUFFIXES) else _read_tar(path)
         return tree, {"archive_sha256": file_digest(path, "sha256")}
-    raise DataError(f"{path}: unsupported data source: expected a directory or a {'/'.join(TAR_SUFFIXES + ZIP_SUFFIXES)} archive")
+    suffixes = "/".join(TAR_SUFFIXES + ZIP_SUFFIXES)
+    raise DataError(f"{path}: unsupported data source: expected a directory or a {suffixes} archive")
 
 
 def _unwrap(tree: _Tree) -> PurePosixPath:
@@ -224,7 +227,10 @@ def load(source: str, test_fraction: float, seed: int, cache_dir: Path) -> RawDa
         splits = stratified_split(_classify(tree, root, source, ignored), test_fraction, seed)
     if ignored:
         log.warning(
-            "%s: ignored %d files that are not class images (e.g. %s)", source, len(ignored), ", ".join(sorted(ignored)[:3])
+            "%s: ignored %d files that are not class images (e.g. %s)",
+            source,
+            len(ignored),
+            ", ".join(sorted(ignored)[:3]),
         )
     details["ignored_count"] = len(ignored)
     details["ignored"] = sorted(ignored)[:MAX_REPORTED_IGNORED]
