@@ -70,8 +70,9 @@ def main() -> None:
     print(f"prepare: {prepare_s:.2f} s end to end = {n / prepare_s:,.0f} images/s "
           f"(decode loop alone: {result.images_per_s:,.0f} images/s; target >= 5,000)")
     # The wall-clock figure depends on what else runs; CPU time says what 2 idle cores would do.
+    cores = os.cpu_count() or 1
     print(f"prepare CPU time: {prepare_cpu_s:.1f} s = {n / prepare_cpu_s:,.0f} images per CPU-second "
-          f"(x{os.cpu_count()} cores = {os.cpu_count() * n / prepare_cpu_s:,.0f} images/s when idle, at best); "
+          f"(x{cores} cores = {cores * n / prepare_cpu_s:,.0f} images/s when idle, at best); "
           f"load average now {os.getloadavg()[0]:.1f}")
     print(f"validate: {validate_s:.2f} s for {n} manifest rows (target <= 5 s); "
           f"great_expectations import: {import_s:.1f} s once per process")

@@ -22,7 +22,9 @@ SIZE = 8  # px, as the original set
 LEVELS = 16  # grey levels 0..16, as the original set
 
 
-def draw_digit(digit: int, rng: np.random.Generator, font: ImageFont.FreeTypeFont) -> Image.Image:
+def draw_digit(
+    digit: int, rng: np.random.Generator, font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+) -> Image.Image:
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
     glyph = Image.new("L", (CANVAS, CANVAS), 0)
     ImageDraw.Draw(glyph).text((CANVAS / 2, CANVAS / 2), str(digit), fill=255, font=font, anchor="mm")

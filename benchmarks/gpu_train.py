@@ -109,12 +109,12 @@ def main() -> int:
 
     source = Workspace(args.workspace.resolve())
     loaded = params.load(source.params_file)
-    changes: dict[str, object] = {"device": "cuda"}
-    if args.epochs:
-        changes["epochs"] = args.epochs
-    if args.compile:
-        changes["compile"] = True
-    p = dataclasses.replace(loaded.train, **changes)
+    p = dataclasses.replace(
+        loaded.train,
+        device="cuda",
+        epochs=args.epochs or loaded.train.epochs,
+        compile=args.compile or loaded.train.compile,
+    )
     m = dataclasses.replace(loaded.model, arch="resnet18", weights="none")
 
     with tempfile.TemporaryDirectory(prefix="gpu_train-") as tmp:

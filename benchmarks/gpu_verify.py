@@ -18,7 +18,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +69,7 @@ def untrained_candidate(ws: Workspace, n_test: int = 512) -> None:
     ws.classes.write_text(json.dumps(classes))
 
 
-def torch_images_per_s(model: object, images: np.ndarray, runs: int) -> float:
+def torch_images_per_s(model: Callable[[Any], object], images: np.ndarray, runs: int) -> float:
     """PyTorch eager fp32 (TF32 off) on CUDA, input already on the device."""
     import torch
 

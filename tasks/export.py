@@ -103,6 +103,7 @@ def export_onnx(module: nn.Module, example: Any, out: Path, opset: int) -> str:
                 external_data=False,
                 verbose=False,
             )
+            assert program is not None  # dynamo=True always returns an ONNXProgram
             program.save(str(tmp))
             exporter = "dynamo"
         except Exception as exc:

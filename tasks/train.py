@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -108,15 +109,15 @@ def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Sc
     model = build_model(m.arch, m.stem, len(data.classes), channels)
     source = load_initial_weights(model, m, ws, p.registry)
     freeze(model, t.freeze)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     eval_model = model
     if ema is not None:  # the average is evaluated in a second model, so training continues from the raw weights
         eval_model = build_model(m.arch, m.stem, len(data.classes), channels)
-        eval_model = eval_model.to(device, memory_format=torch.channels_last)
+        eval_model = eval_model.to(device).to(memory_format=torch.channels_last)
     return _Run(
         model=model,
-        step_model=torch.compile(model) if t.compile else model,
+        step_model=cast(nn.Module, torch.compile(model)) if t.compile else model,  # an OptimizedModule
         eval_model=eval_model,
         optimizer=build_optimizer(model, t, schedule.peak_lr),
         ema=ema,

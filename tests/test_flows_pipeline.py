@@ -88,8 +88,10 @@ def _steps(ws: Workspace) -> list[str]:
 
 
 def _task_names(state: State[Any]) -> list[str]:
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
     with get_client(sync_client=True) as client:
-        runs = task_runs(client, state.state_details.flow_run_id)
+        runs = task_runs(client, flow_run_id)
     return [run.name.rsplit("-", 1)[0] for run in runs]  # "<task name>-<counter>", in start order
 
 

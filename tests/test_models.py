@@ -23,19 +23,23 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_downsamples_4x() -> None:
     seen: dict[str, tuple[int, ...]] = {}
     for stem in ("cifar", "imagenet"):
         model = build_model("resnet18", stem, 10, 3).eval()
-        model.layer1.register_forward_hook(lambda _m, _i, out, stem=stem: seen.__setitem__(stem, tuple(out.shape)))
+        model.get_submodule("layer1").register_forward_hook(
+            lambda _m, _i, out, stem=stem: seen.__setitem__(stem, tuple(out.shape))
+        )
         with torch.no_grad():
             model(torch.randn(1, 3, 32, 32))
     assert seen["cifar"][2:] == (32, 32)
     assert seen["imagenet"][2:] == (8, 8)
     cifar = build_model("resnet18", "cifar", 10, 3)
-    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
-    assert isinstance(cifar.maxpool, nn.Identity)
+    conv1 = cifar.get_submodule("conv1")
+    assert isinstance(conv1, nn.Conv2d) and conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+    assert isinstance(cifar.get_submodule("maxpool"), nn.Identity)
 
 
 def test_mobilenet_cifar_stem_has_stride_one() -> None:
     model = build_model("mobilenet_v3_small", "cifar", 4, 1)
-    assert model.features[0][0].stride == (1, 1) and model.features[0][0].in_channels == 1
+    first = model.get_submodule("features.0.0")
+    assert isinstance(first, nn.Conv2d) and first.stride == (1, 1) and first.in_channels == 1
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tasks.params import TrainParams
 from tasks.training.optim import WeightEMA, build_optimizer, lr_at, peak_lr
 
 
-def _train_params(**changes: object) -> TrainParams:
+def _train_params(**changes: Any) -> TrainParams:
     return dataclasses.replace(params.load().train, **changes)
 
 

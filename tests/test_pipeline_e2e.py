@@ -140,5 +140,6 @@ def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quicks
     assert _tree(registry) == before
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)
-    assert latest.state.type.value == "COMPLETED" and latest.state.name == "Rejected"
-    assert "cuda" in latest.state.message.lower()
+    state = latest.state
+    assert state is not None and state.type.value == "COMPLETED" and state.name == "Rejected"
+    assert "cuda" in (state.message or "").lower()

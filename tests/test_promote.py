@@ -96,6 +96,7 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
     better = promote(p, ws)
     assert better.promoted and better.version == 2 and not better.first_model
     assert better.production_accuracy == pytest.approx(0.6) and better.candidate_accuracy == pytest.approx(0.9)
+    assert better.comparison is not None
     assert better.comparison.improvements == 18 and better.comparison.regressions == 0
     assert "| exact McNemar p (candidate worse) |" in better.to_markdown()
 
@@ -108,7 +109,8 @@ def test_first_floor_only_then_better_promoted_then_worse_rejected_byte_for_byte
     decision = PromotionDecision.read(ws.promotion_decision, "promote")
     assert not decision.promoted and decision.comparison is not None and decision.comparison.regressions == 24
     assert decision.comparison.p_value < 1e-6
-    assert Registry.open(ws, p.registry).production().version == 2
+    production = Registry.open(ws, p.registry).production()
+    assert production is not None and production.version == 2
 
 
 @pytest.mark.integration
@@ -185,6 +187,7 @@ def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_p
         assert [(e["version"], e["previous"]) for e in history] == [(1, None), (2, 1), (3, 2)]
         assert history[-1]["production_accuracy"] == pytest.approx(0.7)
     production = registry.production()
+    assert production is not None
     assert production.card.export.sha256 == ExportReport.read(a.export_report, "export").sha256
 
 
@@ -226,7 +229,8 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     decision = promote(p, ws)
     assert decision.promoted or "already production" in decision.summary
     assert not list(model_dir.glob(".staging-*"))
-    assert registry.production().card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
+    after = registry.production()
+    assert after is not None and after.card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
 
 
 @pytest.mark.integration

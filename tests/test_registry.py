@@ -58,7 +58,8 @@ def test_publish_writes_the_triton_layout(registry: Registry, tmp_path: Path) ->
     info = registry.production()
     assert info is not None and info.version == 1 and Path(info.model_path) == model_dir / "1" / "model.onnx"
     assert info.card.version == 1 and info.card.files["weights.pt"] == file_digest(model_dir / "1" / "weights.pt")
-    assert registry.production_weights().read_bytes() == b"weights of candidate1"
+    weights = registry.production_weights()
+    assert weights is not None and weights.read_bytes() == b"weights of candidate1"
     assert [e["event"] for e in registry.history()] == ["promote"]
 
 
@@ -94,7 +95,8 @@ def test_rollback_to_previous_and_to_a_named_version(registry: Registry, tmp_pat
         _publish(registry, tmp_path, tag)
     _publish(registry, tmp_path, 3, classes=["ant", "bee", "cow"])
     assert registry.rollback() == 2
-    assert registry.production().version == 2
+    production = registry.production()
+    assert production is not None and production.version == 2
     assert (tmp_path / "registry" / "clf" / LABELS).read_text() == "cat\ndog\neel\n"
     assert registry.rollback(to=3) == 3
     assert (tmp_path / "registry" / "clf" / LABELS).read_text() == "ant\nbee\ncow\n"
@@ -164,6 +166,7 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
         text=True,
     )
     try:
+        assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "locked"
         impatient = Registry(str(tmp_path / "registry"), RegistryParams("r", "clf", 16, 0.5), tmp_path)
         start = time.monotonic()
@@ -183,10 +186,11 @@ def test_fsspec_url_registry_publishes_reads_and_rolls_back(tmp_path: Path) -> N
     _publish(registry, tmp_path, 1)
     _publish(registry, tmp_path, 2)
     info = registry.production()
-    assert info.version == 2 and info.model_path.startswith("memory://")
+    assert info is not None and info.version == 2 and info.model_path.startswith("memory://")
     with fsspec.open(info.model_path, "rb") as fh:  # a URL any fsspec client opens
         assert fh.read() == (tmp_path / "candidate2" / "model.onnx").read_bytes()
     local = registry.production_weights()
+    assert local is not None
     assert local.read_bytes() == b"weights of candidate2" and local.is_relative_to(tmp_path / "cache")
     assert registry.rollback() == 1
     assert not registry.store.exists(registry.store.path("clf", ".lock"))

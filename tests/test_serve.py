@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
@@ -155,8 +156,10 @@ def test_serve_registers_the_deployment_with_the_cron_from_params_yaml(served: S
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
     (schedule,) = deployment.schedules
+    assert isinstance(schedule.schedule, CronSchedule), schedule.schedule
     assert schedule.schedule.cron == CRON and schedule.schedule.timezone == TIMEZONE and schedule.active
     assert deployment.parameters == {"workspace": str(served.ws.root)}
+    assert deployment.parameter_openapi_schema is not None
     assert "overrides" in deployment.parameter_openapi_schema["properties"]
 
 
@@ -172,6 +175,7 @@ def test_the_server_schedules_runs_from_that_cron(served: Served) -> None:
     assert scheduled, f"the server's scheduler created no run from {CRON!r} in {SCHEDULER_S} s (see server.log)"
     berlin = ZoneInfo(TIMEZONE)
     for flow_run in scheduled:
+        assert flow_run.expected_start_time is not None
         start = flow_run.expected_start_time.astimezone(berlin)
         assert (start.weekday(), start.hour, start.minute) == (0, 4, 17), start
 
@@ -189,7 +193,10 @@ def _span(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[float, float]:
     """When the run worked in the workspace: from its first task run's start to its last one's end."""
     runs = task_runs(client, flow_run_id)
     assert runs, f"flow run {flow_run_id} ran no tasks"
-    return min(t.start_time.timestamp() for t in runs), max(t.end_time.timestamp() for t in runs)
+    starts = [t.start_time.timestamp() for t in runs if t.start_time is not None]
+    ends = [t.end_time.timestamp() for t in runs if t.end_time is not None]
+    assert len(starts) == len(ends) == len(runs), f"flow run {flow_run_id} has a task run that never started or ended"
+    return min(starts), max(ends)
 
 
 @pytest.mark.slow
@@ -202,13 +209,18 @@ def test_two_triggered_runs_complete_promote_and_never_overlap(served: Served) -
         ],
         served.ws.root, env=served.env,
     )  # fmt: skip
-    first = UUID(re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1))
-    second = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": OVERRIDES}, timeout=0).id
+    printed = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
+    assert printed, proc.stdout
+    first = UUID(printed.group(1))
+    triggered = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": OVERRIDES}, timeout=0)
+    assert isinstance(triggered, FlowRun)
+    second = triggered.id
     deadline = time.monotonic() + RUN_S
     with get_client(sync_client=True) as client:
         finished = {i: _wait_final(client, i, deadline) for i in (first, second)}
         for flow_run in finished.values():
-            assert flow_run.state.type.value == "COMPLETED", (flow_run.state, log_lines(client, flow_run.id)[-20:])
+            state = flow_run.state
+            assert state is not None and state.type.value == "COMPLETED", (state, log_lines(client, flow_run.id)[-20:])
         spans = sorted((_span(client, i), i) for i in finished)
         (_, earlier_end), earlier = spans[0]
         (later_start, _), later = spans[1]
@@ -243,11 +255,13 @@ def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> 
 @pytest.mark.slow
 def test_a_triggered_run_with_a_typo_fails_naming_the_key_before_touching_anything(served: Served) -> None:
     before = served.ws.params_file.read_bytes()
-    flow_run_id = run_deployment(
+    triggered = run_deployment(
         f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": {"train.epoch": 1}}, timeout=0
-    ).id
+    )
+    assert isinstance(triggered, FlowRun)
     with get_client(sync_client=True) as client:
-        flow_run = _wait_final(client, flow_run_id, time.monotonic() + STARTUP_S)
-    assert flow_run.state.type.value == "FAILED"
-    assert "unknown key train.epoch" in flow_run.state.message
+        flow_run = _wait_final(client, triggered.id, time.monotonic() + STARTUP_S)
+    state = flow_run.state
+    assert state is not None and state.type.value == "FAILED"
+    assert "unknown key train.epoch" in (state.message or "")
     assert served.ws.params_file.read_bytes() == before

@@ -48,7 +48,7 @@ def test_synthetic_counts_and_classes() -> None:
 def test_synthetic_colour_does_not_give_the_class_away() -> None:
     """Mean colour per class overlaps: a model must learn shape, not a constant colour per class."""
     data = synthetic.generate(SyntheticParams(2, 40, 1), seed=0)
-    means = {}
+    means: dict[str, list[np.ndarray]] = {}
     for img in data.splits["train"]:
         means.setdefault(img.class_name, []).append(to_array(img.image, 32, 3).reshape(3, -1).mean(axis=1))
     spread = {k: np.std(v, axis=0).mean() for k, v in means.items()}

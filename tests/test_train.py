@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def write_prepared(ws: Workspace, n_train: int = 48, n_test: int = 16, size: int
     ws.classes.write_text(json.dumps(CLASSES))
 
 
-def tiny(**changes: object) -> TrainParams:
+def tiny(**changes: Any) -> TrainParams:
     """The defaults of params.yaml, sized for a few dozen 8x8 images on a CPU."""
     defaults = params.load(PROJECT / "params.yaml").train
     augment = dataclasses.replace(defaults.augment, crop_padding=2)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from tasks import params
 from tasks.errors import DataError, RegistryError, RuntimeUnavailable
@@ -59,7 +60,9 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path: Path, monkeypa
     model = build_model("resnet18", "cifar", 10, 3)
     load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet"), Workspace(tmp_path))
     assert torch.equal(model.state_dict()["layer2.0.conv1.weight"], imagenet["layer2.0.conv1.weight"])
-    assert model.conv1.weight.shape == (64, 3, 3, 3), "the 7x7 ImageNet stem does not fit the cifar stem"
+    conv1 = model.get_submodule("conv1")
+    assert isinstance(conv1, nn.Conv2d)
+    assert conv1.weight.shape == (64, 3, 3, 3), "the 7x7 ImageNet stem does not fit the cifar stem"
 
 
 def test_imagenet_weights_offline_name_the_file_they_expected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

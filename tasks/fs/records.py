@@ -72,8 +72,8 @@ def _decode(value: Any, tp: Any, where: str) -> Any:
         raise RecordError(f"{where}: {value!r} is not {tp}")
     if not _matches(value, tp):
         raise RecordError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)  # type: ignore[arg-type]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp)
         return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]

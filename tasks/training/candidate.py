@@ -79,6 +79,9 @@ def load_candidate(path: Path) -> Candidate:
 class Deployable(nn.Module):
     """uint8 images (N, C, H, W) -> float32 softmax probabilities (N, num_classes)."""
 
+    mean: torch.Tensor  # buffers, (1, C, 1, 1)
+    std: torch.Tensor
+
     def __init__(self, classifier: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):

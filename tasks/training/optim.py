@@ -117,7 +117,9 @@ class WeightEMA:
         return {"updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.updates = int(state["updates"])  # type: ignore[arg-type]
+        updates = state["updates"]
+        assert isinstance(updates, int)
+        self.updates = updates
         shadow = state["shadow"]
         assert isinstance(shadow, dict)
         for key, value in shadow.items():
