@@ -78,6 +78,11 @@ def workspace(workspace_template: Path, tmp_path: Path) -> Workspace:
     return copy_workspace(workspace_template, tmp_path / "ws", tmp_path / "dvc-remote")
 
 
+def file_tree(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes), to prove it unchanged byte for byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def write_class_folders(
     root: Path, counts: dict[str, int], size: tuple[int, int] = (12, 9), mode: str = "RGB", seed: int = 0
 ) -> list[Path]:

@@ -34,7 +34,7 @@ from candidate_factory import (
     publish_pixel_reader,
     write_split,
 )
-from conftest import PROJECT
+from conftest import PROJECT, file_tree
 from prefect_queries import task_runs
 
 pytestmark = pytest.mark.integration
@@ -95,10 +95,6 @@ def _task_names(state: State[Any]) -> list[str]:
     return [run.name.rsplit("-", 1)[0] for run in runs]  # "<task name>-<counter>", in start order
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_ingest_then_one_task_per_stage_in_order_then_promotion(harness: None, workspace: Workspace) -> None:
     _trivial_stages(workspace)
     _verified_candidate(workspace)
@@ -117,7 +113,7 @@ def test_a_stage_exiting_3_ends_the_run_rejected_and_production_unchanged(
 ) -> None:
     registry = Registry.open(workspace, load(workspace.params_file).registry)
     publish_pixel_reader(registry, tmp_path / "production", read_channel=0)
-    before = _tree(workspace.root / "registry")
+    before = file_tree(workspace.root / "registry")
     _trivial_stages(workspace, {"evaluate": FAIL.format(error="GateRejected: accuracy 0.10 < 0.90", code=3)})
     _verified_candidate(workspace)
     state = _run(workspace)
@@ -125,7 +121,7 @@ def test_a_stage_exiting_3_ends_the_run_rejected_and_production_unchanged(
     assert state.message == "evaluate: accuracy 0.10 < 0.90 (production unchanged: version 1)"
     assert _steps(workspace) == STAGES[: STAGES.index("evaluate") + 1]
     assert _task_names(state) == ["ingest", *STAGES[: STAGES.index("evaluate") + 1]]
-    assert _tree(workspace.root / "registry") == before
+    assert file_tree(workspace.root / "registry") == before
 
 
 def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspace: Workspace) -> None:

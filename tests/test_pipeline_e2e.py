@@ -28,7 +28,7 @@ from flows.artifacts import (
 from flows.cli import main
 from tasks.paths import Workspace
 
-from conftest import copy_workspace, run
+from conftest import copy_workspace, file_tree, run
 from prefect_queries import artifact_keys, task_runs
 
 pytestmark = pytest.mark.slow
@@ -74,10 +74,6 @@ def quickstart(harness: None, workspace_template: Path, tmp_path_factory: pytest
 
 def _status(ws: Workspace) -> dict:
     return json.loads(run(["visionops", "--workspace", str(ws.root), "status", "--json"], ws.root).stdout)
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_quickstart_promotes_and_says_where_it_trained_and_verified(quickstart: Quickstart) -> None:
@@ -132,12 +128,12 @@ def test_the_run_published_its_artifacts(quickstart: Quickstart) -> None:
 
 def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quickstart: Quickstart) -> None:
     registry = quickstart.ws.root / "registry"
-    before = _tree(registry)
+    before = file_tree(registry)
     # The candidate was verified on onnxruntime's CPU provider; demanding CUDA must refuse it.
     overrides = ["-S", "verify.provider=cpu", "-S", "promote.require_provider=cuda"]
     code = main(["--workspace", str(quickstart.ws.root), "run", *overrides])
     assert code == 3
-    assert _tree(registry) == before
+    assert file_tree(registry) == before
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)
     state = latest.state

@@ -95,23 +95,15 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
             gxe.ExpectColumnValuesToBeInSet(
                 column="label_dtype", value_set=["int64"], meta=meta("label_dtype", "labels are int64")
             ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="channels",
-                min_value=channels,
-                max_value=channels,
-                meta=meta("tensor_shape", f"{channels} channels"),
-            ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="height",
-                min_value=image_size,
-                max_value=image_size,
-                meta=meta("tensor_shape", f"height {image_size}"),
-            ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="width",
-                min_value=image_size,
-                max_value=image_size,
-                meta=meta("tensor_shape", f"width {image_size}"),
+            *(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column=column, min_value=value, max_value=value, meta=meta("tensor_shape", text)
+                )
+                for column, value, text in (
+                    ("channels", channels, f"{channels} channels"),
+                    ("height", image_size, f"height {image_size}"),
+                    ("width", image_size, f"width {image_size}"),
+                )
             ),
             gxe.ExpectColumnPairValuesToBeEqual(
                 column_A="rows", column_B="decoded", meta=meta("tensor_rows", "one tensor row per decoded manifest row")
