@@ -1,0 +1,1 @@
+"""File-system primitives: atomic writes, locks, hashing, typed JSON records."""

@@ -1,0 +1,1 @@
+"""What training needs: models, augmentation, the optimiser and schedule, checkpoints, weights, devices."""
