@@ -16,7 +16,7 @@ from tasks.data.prepared import Images, image_batches
 from tasks.params import AugmentParams, ConfigError
 
 # Bytes of uint8 pixels per chunk when computing statistics: the float64 temporaries are 8x that.
-_STATS_CHUNK_BYTES = 8 << 20
+_STATS_CHUNK_BYTES = 2 << 20
 # A constant channel has std 0; dividing by it would turn the whole channel into inf/NaN.
 _MIN_STD = 1e-3
 

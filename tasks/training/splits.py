@@ -168,7 +168,8 @@ class StreamedSplit:
     def train_batches(self, rows: Sequence[torch.Tensor], a: AugmentParams, generator: torch.Generator) -> Iterator[
         Batch
     ]:
-        host_rows = [r.cpu().numpy() for r in rows]  # the reader thread indexes the file on the host
+        # The reader thread indexes the file on the host: one copy (one sync on CUDA) for the epoch.
+        host_rows = list(torch.stack(list(rows)).cpu().numpy()) if len(rows) else []
         batches = to_device(read_ahead(self._read_rows, host_rows, self.prefetch), self.device)
         for images, labels in batches:
             yield self.preprocess.train_view(images, a, generator), labels
