@@ -104,6 +104,11 @@ class TrainParams:
     data_on_device: Literal["auto", "always", "never"]
     device_budget_gb: float  # auto holds the data on the device up to this many GB of pixels
     prefetch_batches: int
+    nproc_per_node: int | Literal["auto"]  # worker processes per node; auto = every visible GPU (1 on the CPU)
+    nnodes: int  # machines in the job; above 1 they meet at rdzv_endpoint
+    rdzv_endpoint: str  # host:port of the c10d rendezvous (node 0's address) when nnodes > 1
+    rdzv_timeout_s: float  # s the nodes wait for each other before the stage fails
+    sync_batchnorm: bool  # BatchNorm statistics over the global batch (CUDA only)
     augment: AugmentParams
 
 
@@ -199,6 +204,10 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.augment.eval_crop", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("train.device_budget_gb", lambda v: v >= 0, "non-negative"),
     ("train.prefetch_batches", lambda v: v >= 1, "at least 1"),
+    ("train.nproc_per_node", lambda v: v == "auto" or 1 <= v <= 1024, "auto or between 1 and 1024"),
+    ("train.nnodes", lambda v: 1 <= v <= 1024, "between 1 and 1024"),
+    ("train.rdzv_endpoint", lambda v: _is_endpoint(v), "host:port with a port in 1..65535"),
+    ("train.rdzv_timeout_s", lambda v: v > 0, "positive"),
     ("gate.min_accuracy", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("gate.min_class_recall", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("gate.max_regression", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -214,6 +223,11 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("registry.lock_timeout_s", lambda v: v > 0, "positive"),
     ("schedule.lock_timeout_s", lambda v: v >= 0, "non-negative"),
 )
+
+
+def _is_endpoint(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _type_name(tp: Any) -> str:
@@ -238,7 +252,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None) and value is None:
                 return None
         non_none = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, non_none[0], key)
+        for arg in non_none[:-1]:  # e.g. int | Literal["auto"]: the first type that takes the value
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, non_none[-1], key)
+        except ConfigError:
+            if len(non_none) == 1:
+                raise
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in non_none)}, got {value!r}")
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list | tuple):

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,10 +31,12 @@ from tasks.errors import TrainingDiverged
 from tasks.fs.atomic import atomic_write_text
 from tasks.params import ModelParams, RegistryParams, TrainParams
 from tasks.paths import SPLITS, Workspace
+from tasks.training import distributed
 from tasks.training.augment import channel_stats
 from tasks.training.candidate import Candidate, save_candidate
 from tasks.training.checkpoint import ResumeCheckpoint, run_key
 from tasks.training.device import describe, select_device
+from tasks.training.distributed import Rank, Topology
 from tasks.training.loop import EVAL_BATCH_FACTOR, test_accuracy, train_epoch
 from tasks.training.models import build_model, freeze, imagenet_normalization
 from tasks.training.optim import Schedule, WeightEMA, build_optimizer
@@ -98,7 +100,7 @@ class _Run:
     """The model on the training device and everything that steps and scores it."""
 
     model: nn.Module
-    step_model: nn.Module  # the model, or its torch.compile'd form
+    step_model: nn.Module  # the model, wrapped in DistributedDataParallel and/or torch.compile'd
     eval_model: nn.Module  # the model, or a second one holding the EMA weights
     optimizer: torch.optim.Optimizer
     ema: WeightEMA | None
@@ -106,7 +108,9 @@ class _Run:
     weights_source: str  # where the weights started from, for logs and the reports
 
 
-def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Schedule, device: torch.device) -> _Run:
+def _build_run(
+    p: TrainSections, ws: Workspace, data: PreparedData, schedule: Schedule, device: torch.device, rank: Rank
+) -> _Run:
     m, t = p.model, p.train
     channels = data.train.images.shape[1]
     torch.manual_seed(t.seed)
@@ -114,6 +118,7 @@ def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Sc
     source = load_initial_weights(model, m, ws, p.registry)
     freeze(model, t.freeze)
     model = model.to(device).to(memory_format=torch.channels_last)
+    step_model = distributed.wrap(model, rank, t.sync_batchnorm)  # every rank now has rank 0's weights
     ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     eval_model = model
     if ema is not None:  # the average is evaluated in a second model, so training continues from the raw weights
@@ -121,7 +126,7 @@ def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Sc
         eval_model = eval_model.to(device).to(memory_format=torch.channels_last)
     return _Run(
         model=model,
-        step_model=cast(nn.Module, torch.compile(model)) if t.compile else model,  # an OptimizedModule
+        step_model=cast(nn.Module, torch.compile(step_model)) if t.compile else step_model,  # an OptimizedModule
         eval_model=eval_model,
         optimizer=build_optimizer(model, t, schedule.peak_lr),
         ema=ema,
@@ -130,9 +135,13 @@ def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Sc
     )
 
 
-def _resume(run: _Run, checkpoint: ResumeCheckpoint, epochs: int) -> tuple[list[dict[str, float]], int, float]:
-    """(history, last complete epoch, training seconds so far) from this run's checkpoint, if any."""
-    state = checkpoint.load()
+def _resume(
+    run: _Run, checkpoint: ResumeCheckpoint, epochs: int, rank: Rank
+) -> tuple[list[dict[str, float]], int, float]:
+    """(history, last complete epoch, training seconds so far) from this run's checkpoint, if any.
+
+    Rank 0 reads it and sends it to the others: every rank resumes from the same state."""
+    state = distributed.from_rank_0(checkpoint.load() if rank.writes else None, rank)
     if state is None:
         return [], 0, 0.0
     run.model.load_state_dict(state["model"])
@@ -154,11 +163,12 @@ def _fit(
     history: list[dict[str, float]],
     start_epoch: int,
     train_seconds: float,
+    rank: Rank,
 ) -> float:
     """Train epochs ``start_epoch + 1 .. t.epochs``, appending to ``history`` and checkpointing each;
     returns the training seconds of all epochs (those before a resume included)."""
     device = train_split.device
-    sampler = EpochSampler(len(train_split), schedule.batch_size)
+    sampler = EpochSampler(len(train_split), schedule.batch_size, rank.rank, rank.world_size)
     wall_start = time.perf_counter()
     for epoch in range(start_epoch + 1, t.epochs + 1):
         torch.manual_seed(t.seed * _EPOCH_SEED_STRIDE + epoch)  # dropout (mobilenet) draws from the global RNG
@@ -168,14 +178,16 @@ def _fit(
         epoch_start = time.perf_counter()
         train_loss, lr = train_epoch(
             run.step_model, run.model, run.optimizer, run.ema, run.criterion, train_split, sampler, schedule, t, epoch,
-            generator,
+            generator, rank,
         )
         epoch_seconds = time.perf_counter() - epoch_start  # train_epoch ends with a sync (.item())
         if not math.isfinite(train_loss):
             raise _diverged(epoch, lr, t, ws, checkpoint)
         if run.ema is not None:
             run.eval_model.load_state_dict(run.ema.shadow)
-        accuracy = test_accuracy(run.eval_model, test_split, EVAL_BATCH_FACTOR * schedule.batch_size)
+        distributed.broadcast_buffers(run.eval_model, rank)  # rank 0's weights are the ones scored and kept
+        per_rank_batch = schedule.batch_size // rank.world_size
+        accuracy = test_accuracy(run.eval_model, test_split, EVAL_BATCH_FACTOR * per_rank_batch, rank)
         train_seconds += epoch_seconds
         images_per_s = schedule.steps_per_epoch * schedule.batch_size / epoch_seconds
         history.append(
@@ -187,16 +199,17 @@ def _fit(
                 "images_per_s": round(images_per_s, 1),
             }
         )
-        checkpoint.save(
-            {
-                "epoch": epoch,
-                "model": run.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "ema": run.ema.state_dict() if run.ema is not None else None,
-                "history": history,
-                "train_seconds": train_seconds,
-            }
-        )
+        if rank.writes:
+            checkpoint.save(
+                {
+                    "epoch": epoch,
+                    "model": run.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "ema": run.ema.state_dict() if run.ema is not None else None,
+                    "history": history,
+                    "train_seconds": train_seconds,
+                }
+            )
         done = epoch - start_epoch
         log.info(
             "epoch %d/%d  loss %.4f  test_acc %.4f  %.0f img/s  lr %.4g  ETA %s",
@@ -231,15 +244,33 @@ def _open_splits(
 
 
 def train(p: TrainSections, ws: Workspace) -> TrainReport:
-    """Train as params.yaml says on prepared/; write the candidate, train.json and train_history.csv."""
+    """Train as params.yaml says on prepared/; write the candidate, train.json and train_history.csv.
+
+    In a worker of a data-parallel run (started by `distributed.launch`), this is one rank: it
+    joins the process group first, and only rank 0 writes."""
+    device = select_device(p.train.device)
+    rank, device = distributed.join(device, p.train.rdzv_timeout_s)
+    try:
+        return _train(p, ws, device, rank)
+    finally:
+        distributed.leave(rank)
+
+
+def _checkpoint_key(resolved: dict[str, Any], device: torch.device, digest: str) -> str:
+    # How the work is split over processes is not part of the run: a checkpoint resumes at any world size.
+    train = {k: v for k, v in resolved["train"].items() if k not in distributed.TOPOLOGY_KEYS}
+    return run_key({**resolved, "train": train, "device": device.type}, digest)
+
+
+def _train(p: TrainSections, ws: Workspace, device: torch.device, rank: Rank) -> TrainReport:
     t = p.train
-    ws.candidate.unlink(missing_ok=True)  # a stale candidate must not outlive a failed run
-    device = select_device(t.device)
+    if rank.writes:
+        ws.candidate.unlink(missing_ok=True)  # a stale candidate must not outlive a failed run
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = PreparedData.load(ws)
-    schedule = Schedule.for_dataset(t, len(data.train.labels))
-    run = _build_run(p, ws, data, schedule, device)
+    schedule = Schedule.for_dataset(t, len(data.train.labels), rank.world_size)
+    run = _build_run(p, ws, data, schedule, device, rank)
     mean, std = _normalization(p.model, data)
     preprocess = Preprocess.on(device, mean, std, t.augment.eval_crop)
     where, train_split, test_split = _open_splits(t, data, preprocess, device)
@@ -248,18 +279,21 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
         "train": dataclasses.asdict(t),
         "schedule": dataclasses.asdict(schedule),
     }
-    checkpoint = ResumeCheckpoint(ws.checkpoints, run_key({**resolved, "device": device.type}, data.digest))
-    history, start_epoch, train_seconds = _resume(run, checkpoint, t.epochs)
+    checkpoint = ResumeCheckpoint(ws.checkpoints, _checkpoint_key(resolved, device, data.digest))
+    history, start_epoch, train_seconds = _resume(run, checkpoint, t.epochs, rank)
     _, channels, image_size, _ = data.train.images.shape
     log.info(
         "training %s (%s stem) from %s on %s: %d train / %d test images of %dx%dx%d, %d classes;"
-        " batch %d, %d steps/epoch, peak lr %.4g",
+        " global batch %d (%d per rank x %d ranks, %s), %d steps/epoch, peak lr %.4g",
         p.model.arch, p.model.stem, run.weights_source, describe(device), len(train_split), len(test_split),
-        channels, image_size, image_size, len(data.classes), schedule.batch_size, schedule.steps_per_epoch,
+        channels, image_size, image_size, len(data.classes), schedule.batch_size,
+        schedule.batch_size // rank.world_size, rank.world_size, rank.backend, schedule.steps_per_epoch,
         schedule.peak_lr,
     )
 
-    train_seconds = _fit(run, train_split, test_split, schedule, t, ws, checkpoint, history, start_epoch, train_seconds)
+    train_seconds = _fit(
+        run, train_split, test_split, schedule, t, ws, checkpoint, history, start_epoch, train_seconds, rank
+    )
     final = history[-1]
     report = TrainReport(
         test_accuracy=final["test_accuracy"],
@@ -275,7 +309,13 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
         peak_lr=schedule.peak_lr,
         weights=run.weights_source,
         data_placement=where,
+        world_size=rank.world_size,
+        nnodes=rank.world_size // rank.local_world_size,
+        backend=rank.backend,
+        per_rank_batch_size=schedule.batch_size // rank.world_size,
     )
+    if not rank.writes:
+        return report
     save_candidate(
         ws.candidate,
         Candidate(
@@ -310,7 +350,22 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
 
 
 def main() -> None:
-    train(params.sections(TrainSections, params.load()), Workspace.here())
+    p = params.sections(TrainSections, params.load())
+    topology = Topology.of(p.train, cuda=select_device(p.train.device).type == "cuda")
+    if topology.world_size > 1 and not distributed.launched():
+        _launch(topology, Workspace.here())
+        return
+    train(p, Workspace.here())
+
+
+def _launch(topology: Topology, ws: Workspace) -> None:
+    """Become the elastic agent of this node's ranks; their rank 0 writes what one process would."""
+    try:
+        distributed.launch(topology)
+    except Exception:
+        # A rank may have died after rank 0 wrote the candidate: a failed run leaves none.
+        ws.candidate.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ class TrainReport(Record):
     peak_lr: float
     weights: str  # where training started from
     data_placement: str = "device"  # device (whole splits held there) | streamed (from prepared/)
+    # Data-parallel training: batch_size is the global batch, images_per_s the whole job's.
+    world_size: int = 1  # training processes, all nodes together
+    nnodes: int = 1
+    backend: str = "none"  # nccl | gloo | none (one process)
+    per_rank_batch_size: int = 0  # batch_size / world_size; 0 in reports written before it existed
 
 
 @dataclass(frozen=True)

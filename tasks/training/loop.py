@@ -10,6 +10,7 @@ from torch import nn
 
 from tasks.fs.progress import track
 from tasks.params import TrainParams
+from tasks.training.distributed import SINGLE, Rank, all_sum
 from tasks.training.models import set_train_mode
 from tasks.training.optim import Schedule, WeightEMA, lr_at, set_lr
 from tasks.training.sampler import EpochSampler
@@ -21,18 +22,26 @@ EVAL_BATCH_FACTOR = 2  # evaluation batch = this x the training batch: inference
 CHECK_FINITE_EVERY = 50  # steps between NaN checks (each one is a device sync on CUDA)
 
 
+_AUGMENT_SEED_STRIDE = 7_919  # rank r of a data-parallel run augments from epoch seed + r * stride
+
+
 @torch.no_grad()
-def test_accuracy(model: nn.Module, split: TrainingSplit, batch_size: int) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (in its evaluation view), 0..1."""
+def test_accuracy(model: nn.Module, split: TrainingSplit, batch_size: int, rank: Rank = SINGLE) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (in its evaluation view), 0..1.
+
+    Each rank scores its own contiguous slice and the counts are summed: with the same weights and
+    BatchNorm statistics on every rank, that is exactly the single-process count.
+    """
     model.eval()
     device = split.device
+    start, stop = len(split) * rank.rank // rank.world_size, len(split) * (rank.rank + 1) // rank.world_size
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    batches = split.eval_batches(batch_size)
-    for images, labels in track(batches, -(-len(split) // batch_size), "test accuracy", log):
+    batches = split.eval_batches(batch_size, start, stop)
+    for images, labels in track(batches, -(-(stop - start) // batch_size), "test accuracy", log):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
         correct += (logits.argmax(dim=1) == labels).sum()
-    return int(correct.item()) / len(split)
+    return int(all_sum(correct, rank).item()) / len(split)
 
 
 def train_epoch(
@@ -47,13 +56,17 @@ def train_epoch(
     p: TrainParams,
     epoch: int,
     generator: torch.Generator,
+    rank: Rank = SINGLE,
 ) -> tuple[float, float]:
-    """One epoch of steps; (mean train loss, last lr). The loss is NaN/inf as soon as it diverged."""
+    """One epoch of steps; (mean train loss over all ranks, last lr). The loss is NaN/inf as soon as
+    it diverged (on any rank: every rank then stops at the same step)."""
     set_train_mode(model, p.freeze)
     loss_sum = torch.zeros((), dtype=torch.float32, device=split.device)
     step = (epoch - 1) * schedule.steps_per_epoch
     lr = schedule.peak_lr
     rows = sampler.batches(generator)  # drawn first: both placements then draw augmentation alike
+    if rank.distributed:  # the same permutation everywhere, but each rank's own augmentation draws
+        generator.manual_seed(generator.initial_seed() + rank.rank * _AUGMENT_SEED_STRIDE)
     batches = split.train_batches(rows, p.augment, generator)
     for i, (images, labels) in enumerate(track(batches, len(rows), f"epoch {epoch}/{p.epochs}", log)):
         lr = lr_at(step + i, schedule.total_steps, schedule.warmup_steps, schedule.peak_lr, p.schedule)
@@ -67,6 +80,6 @@ def train_epoch(
         if ema is not None:
             ema.update(model)
         loss_sum += loss.detach()
-        if (i + 1) % CHECK_FINITE_EVERY == 0 and not torch.isfinite(loss_sum):
+        if (i + 1) % CHECK_FINITE_EVERY == 0 and not torch.isfinite(all_sum(loss_sum, rank)):
             return math.nan, lr
-    return float(loss_sum.item()) / schedule.steps_per_epoch, lr
+    return float(all_sum(loss_sum, rank).item()) / rank.world_size / schedule.steps_per_epoch, lr

@@ -35,14 +35,18 @@ class Schedule:
     peak_lr: float
 
     @classmethod
-    def for_dataset(cls, p: TrainParams, n_train: int) -> Schedule:
+    def for_dataset(cls, p: TrainParams, n_train: int, world_size: int = 1) -> Schedule:
+        """``batch_size`` is the global batch (all ranks together); the cap and the lr scale apply to it."""
         # Cap the batch so an epoch has at least min_steps_per_epoch steps: 1,500 images at batch 512
         # would be 2 steps an epoch, far too few updates for 10 epochs. The floor keeps BatchNorm's
         # batch statistics usable; the very smallest datasets then get fewer steps instead.
-        if n_train < 2:
-            raise DataError(f"the train split has {n_train} images; training needs at least 2")
+        if n_train < max(2, world_size):
+            raise DataError(
+                f"the train split has {n_train} images; training needs at least 2 and one per process ({world_size})"
+            )
         floor = min(MIN_BATCH, p.batch_size, n_train)
         batch = max(floor, min(p.batch_size, n_train // p.min_steps_per_epoch))
+        batch = max(world_size, batch - batch % world_size)  # equal shares for the ranks
         steps = n_train // batch
         return cls(
             batch_size=batch,

@@ -80,8 +80,8 @@ class TrainingSplit(Protocol):
         """For each entry of ``rows`` (from `EpochSampler`), those images augmented and their labels."""
         ...
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Every image once, in order, in its evaluation view."""
+    def eval_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Every image of rows ``start:stop`` (all by default) once, in order, in its evaluation view."""
         ...
 
 
@@ -123,10 +123,11 @@ class DeviceSplit:
         for index in rows:
             yield self.preprocess.train_view(self.images[index], a, generator), self.labels[index]
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        for start in range(0, len(self), batch_size):
-            end = start + batch_size
-            yield self.preprocess.eval_view(self.images[start:end]), self.labels[start:end]
+    def eval_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        stop = len(self) if stop is None else stop
+        for first in range(start, stop, batch_size):
+            end = min(first + batch_size, stop)
+            yield self.preprocess.eval_view(self.images[first:end]), self.labels[first:end]
 
 
 @dataclass
@@ -159,8 +160,7 @@ class StreamedSplit:
         self.images.take(rows, out=images.numpy())
         return images, labels
 
-    def _read_range(self, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = min(start + batch_size, len(self))
+    def _read_range(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._host_batch(end - start, self.labels[start:end])
         self.images.read(start, images.numpy())
         return images, labels
@@ -174,9 +174,10 @@ class StreamedSplit:
         for images, labels in batches:
             yield self.preprocess.train_view(images, a, generator), labels
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        starts = range(0, len(self), batch_size)
-        reads = read_ahead(lambda start: self._read_range(start, batch_size), starts, self.prefetch)
+    def eval_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        stop = len(self) if stop is None else stop
+        starts = range(start, stop, batch_size)
+        reads = read_ahead(lambda first: self._read_range(first, min(first + batch_size, stop)), starts, self.prefetch)
         for images, labels in to_device(reads, self.device):
             yield self.preprocess.eval_view(images), labels
 
