@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import signal
@@ -322,3 +323,23 @@ def test_two_one_process_nodes_meet_on_localhost_with_the_readme_commands(flow_w
     assert production is not None and production.version == before + 1
     assert _card_training(ws)["nnodes"] == 2
 
+
+
+def test_prefects_own_loader_reads_the_kubernetes_gpu_deployment() -> None:
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions  # private: may move
+    from rich.console import Console
+
+    complaints = io.StringIO()  # the loader skips an invalid file with a warning, not an exception
+    configs, actions = _load_deploy_configs_and_actions(PROJECT / "prefect.yaml", console=Console(file=complaints))
+    assert complaints.getvalue() == ""
+    deployments = {c["name"]: c for c in configs}
+    assert set(deployments) == {"nightly", "gpu-k8s"}
+    gpu = deployments["gpu-k8s"]
+    assert gpu["entrypoint"] == deployments["nightly"]["entrypoint"]
+    assert gpu["work_pool"]["name"] == "visionops-k8s"
+    assert gpu["work_pool"]["job_variables"]["gpus"] >= 1
+    overrides = gpu["parameters"]["overrides"]
+    assert overrides["train.nproc_per_node"] == "auto"
+    raw = params.read_raw(PROJECT / "params.yaml")
+    assert params.parse(params.apply_overrides(raw, overrides)).train.nproc_per_node == "auto"
+    assert actions["pull"]  # the workspace checkout the runs work in

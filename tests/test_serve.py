@@ -244,8 +244,7 @@ def test_a_bad_cron_or_timezone_is_a_config_error_naming_the_key() -> None:
 def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> None:
     config = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
     schedule = load(PROJECT / "params.yaml").schedule
-    (deployment,) = config["deployments"]
-    assert deployment["name"] == schedule.deployment
+    (deployment,) = [d for d in config["deployments"] if d["name"] == schedule.deployment]
     (cron,) = deployment["schedules"]
     assert (cron["cron"], cron["timezone"]) == (schedule.cron, schedule.timezone)
     assert load_flow_from_entrypoint(str(PROJECT / deployment["entrypoint"])).name == "training-pipeline"
