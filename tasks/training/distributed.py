@@ -121,8 +121,8 @@ def launch(topology: Topology, module: str = "tasks.train", args: Sequence[str] 
         run_id=RUN_ID,
         rdzv_backend="c10d",
         rdzv_endpoint=endpoint,
-        # join_timeout: how long nodes wait for each other; timeout: for the store's connection
-        rdzv_configs={"join_timeout": timeout, "timeout": timeout},
+        # join_timeout: how long nodes wait for each other; read_timeout: for the rendezvous store
+        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout},
         max_restarts=0,  # a dead rank fails the stage; a rerun resumes from the last checkpoint
         monitor_interval=MONITOR_INTERVAL_S,
     )
