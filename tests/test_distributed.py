@@ -288,7 +288,9 @@ def _readme_two_node_commands() -> tuple[list[str], list[str]]:
     readme = (PROJECT / "README.md").read_text()
     section = readme[readme.index("### Several GPUs and several nodes") :]
     node0, node1 = re.findall(r"```bash\n(.+?)\n```", section)[:2]
-    return [part for part in node0.split() if part not in ("uv", "run")], node1.split()[2:]
+    commands = [line.split() for line in (node0, node1)]
+    assert all(c[:2] == ["uv", "run"] for c in commands), commands
+    return commands[0][2:], commands[1][2:]
 
 
 @pytest.mark.slow
