@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class VisionopsError(Exception):
     """A failure with a message meant for the user. Exit code 1."""
@@ -33,3 +35,24 @@ class GateRejected(VisionopsError):
 
 class RegistryError(VisionopsError):
     """The model registry is unreadable, locked, or refuses the operation."""
+
+
+class StorageError(VisionopsError):
+    """A file could not be written or read (a full disk, permissions, an I/O error); names the file."""
+
+
+_STORAGE_ADVICE = {
+    errno.ENOSPC: "free space on that disk (`df -h`) and run it again",
+    errno.EDQUOT: "the disk quota is used up: free space and run it again",
+    errno.EROFS: "that file system is read-only",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+}
+
+
+def storage_error(exc: OSError, path: object) -> StorageError:
+    """A :class:`StorageError` for ``exc``, naming the file it names, else ``path`` (where it was working)."""
+    where = exc.filename if exc.filename is not None else path
+    doing = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "read or write"
+    advice = _STORAGE_ADVICE.get(exc.errno or 0, "check that disk and run it again")
+    return StorageError(f"cannot {doing} {where}: {exc.strerror or exc}; {advice}")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.data.raw import RawDataset, RawImage
+from tasks.params import IngestParams
 from tasks.paths import Workspace
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -113,3 +115,28 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def ingest_bounds(**overrides: float) -> IngestParams:
+    """data.ingest as the project's params.yaml has it, with ``overrides`` (e.g. shard_mb=0.01)."""
+    from dataclasses import replace
+
+    from tasks.params import load
+
+    return replace(load(PROJECT / "params.yaml").data.ingest, **overrides)
+
+
+def collect(dataset: RawDataset) -> dict[str, list[RawImage]]:
+    """Every image a source streams, per split, in the order streamed (tests hold tiny datasets)."""
+    splits: dict[str, list[RawImage]] = {"train": [], "test": []}
+    for split, image in dataset.images():
+        splits[split].append(image)
+    return splits
+
+
+def write_raw(data: Path, splits: dict[str, list[RawImage]], **bounds: float) -> None:
+    """data/ as ingest writes it (shards and source.json) for images held in memory."""
+    from tasks.ingest import write_data
+
+    data.mkdir(parents=True, exist_ok=True)
+    write_data(RawDataset.of("test", splits), data, ingest_bounds(**bounds))

@@ -59,3 +59,25 @@ def test_text_file_is_a_data_error() -> None:
 def test_encode_png_is_byte_reproducible() -> None:
     pixels = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert encode_png(pixels) == encode_png(pixels.copy())
+
+
+def sideways_photo() -> tuple[bytes, np.ndarray]:
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), and the
+    upright pixels a viewer shows: a red left half stored as a red top half."""
+    stored = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high
+    stored[:4] = (255, 0, 0)  # top half red
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=100, exif=exif)
+    upright = np.rot90(stored, k=-1)  # 8 wide, 16 high: the red half is now on the right
+    return buf.getvalue(), upright
+
+
+def test_exif_orientation_is_applied() -> None:
+    encoded, upright = sideways_photo()
+    out = to_array(encoded, image_size=16, channels=3)
+    viewed = np.asarray(Image.fromarray(upright).resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    assert np.abs(out.astype(int) - viewed.astype(int)).max() < 40  # JPEG noise, not a quarter turn
+    assert out[0, :, 12:].mean() > 200 and out[0, :, :4].mean() < 50  # red on the right, as a viewer shows it
