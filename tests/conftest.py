@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,22 @@ def write_raw(data: Path, splits: dict[str, list[RawImage]], **bounds: float) ->
 
     data.mkdir(parents=True, exist_ok=True)
     write_data(RawDataset.of("test", splits), data, ingest_bounds(**bounds))
+
+
+def sideways_photo() -> tuple[bytes, Any]:
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), and the
+    upright pixels a viewer shows: the red top half as stored is the right half as viewed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high
+    stored[:4] = (255, 0, 0)  # top half red
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=100, exif=exif)
+    upright = np.rot90(stored, k=-1)  # 8 wide, 16 high: the red half is now on the right
+    return buf.getvalue(), upright

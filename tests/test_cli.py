@@ -120,6 +120,6 @@ def test_ingest_from_a_class_folder_versions_it_and_records_the_source(workspace
     proc = run(["visionops", "ingest", "--source", str(folder)], workspace.root)
     assert f"params.yaml: data.source = {folder}" in proc.stdout and "a new version" in proc.stdout
     assert load(workspace.params_file).data.source == str(folder)
-    assert (workspace.root / "data.dvc").is_file() and workspace.raw_split("train").is_file()
+    assert (workspace.root / "data.dvc").is_file() and (workspace.data / "train-00000.parquet").is_file()
     again = run(["visionops", "ingest"], workspace.root)
     assert "unchanged" in again.stdout and "params.yaml" not in again.stdout

@@ -11,6 +11,8 @@ from PIL import Image
 from tasks.data.imaging import encode_png, to_array
 from tasks.errors import DataError
 
+from conftest import sideways_photo
+
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
@@ -59,20 +61,6 @@ def test_text_file_is_a_data_error() -> None:
 def test_encode_png_is_byte_reproducible() -> None:
     pixels = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert encode_png(pixels) == encode_png(pixels.copy())
-
-
-def sideways_photo() -> tuple[bytes, np.ndarray]:
-    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), and the
-    upright pixels a viewer shows: a red left half stored as a red top half."""
-    stored = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high
-    stored[:4] = (255, 0, 0)  # top half red
-    img = Image.fromarray(stored)
-    exif = img.getexif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=100, exif=exif)
-    upright = np.rot90(stored, k=-1)  # 8 wide, 16 high: the red half is now on the right
-    return buf.getvalue(), upright
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -116,7 +116,7 @@ def test_arrays_are_npy_files_a_reader_can_memory_map(tmp_path: Path) -> None:
 def test_exif_orientation_is_the_same_in_prepare_and_predict(tmp_path: Path) -> None:
     from tasks.predict import load_images
 
-    from test_imaging import sideways_photo
+    from conftest import sideways_photo
 
     photo, _upright = sideways_photo()
     train = [RawImage("a/photo.jpg", "a", photo), RawImage("b/0.png", "b", _png(1))]

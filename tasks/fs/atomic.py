@@ -115,7 +115,7 @@ def orphans(parent: Path, prefix: str) -> Iterator[Path]:
     if not parent.is_dir():
         return
     for folder in sorted(parent.glob(prefix + "*")):
-        if folder.name.endswith(LOCK_SUFFIX):
+        if not folder.is_dir() or folder.is_symlink():
             continue
         lock = folder.with_name(folder.name + LOCK_SUFFIX)
         fd = _try_lock(lock)

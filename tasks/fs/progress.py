@@ -46,7 +46,7 @@ def track(items: Iterable[T], total: int | None, what: str, log: logging.Logger)
         if tty and now - last >= BAR_EVERY_S:
             print("\r" + _bar(what, done, total, now - start), end="", file=sys.stderr, flush=True)
             last = now
-        elif not tty and now - last >= LOG_EVERY_S:
+        elif not tty and now - last >= LOG_EVERY_S and done != total:  # the last line says "done"
             log.info("%s", _status(what, done, total, now - start))
             last = now
     elapsed = time.monotonic() - start
