@@ -115,7 +115,8 @@ def test_failure_reason_reads_the_one_error_line_of_tasks_entry() -> None:
         "- min_per_class: 4 unexpected",
         "ERROR: failed to reproduce 'validate': failed to run: python -m tasks.validate, exited with 1",
     ]
-    assert failure_reason(lines) == "ValidationFailed: data validation failed: 1 of 14 checks - min_per_class: 4 unexpected"
+    reason = "ValidationFailed: data validation failed: 1 of 14 checks - min_per_class: 4 unexpected"
+    assert failure_reason(lines) == reason
 
 
 def test_the_flow_runs_the_stages_of_dvc_yaml_in_its_order() -> None:

@@ -353,7 +353,7 @@ def test_a_tar_member_declaring_a_gigabyte_is_refused_at_its_header(tmp_path: Pa
             tar.addfile(info, io.BytesIO(b"abc"))
         header = tarfile.TarInfo("b/bomb.png")
         header.size = 1 << 30
-        tar.fileobj.write(header.tobuf())  # type: ignore[union-attr]  # the header only: never read further
+        tar.fileobj.write(header.tobuf())  # the header only: never read further
     with pytest.raises(DataError, match=r"b/bomb\.png is 1,073\.7 MB, above data\.ingest\.max_image_mb"):
         _load(archive)
 

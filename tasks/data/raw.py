@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -90,17 +91,26 @@ class ShardWriter:
         self.shards: list[Path] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_bytes = 0
-        self._rows: list[RawImage] = []
-        self._rows_bytes = 0
+        self._new_group()
+
+    def _new_group(self) -> None:
+        # The group's images in one growing buffer, not one object each: a freed buffer is reused
+        # whole, where thousands of small ones fragment the heap and keep the process growing.
+        self._images = bytearray()
+        self._offsets = [0]
+        self._paths: list[str] = []
+        self._classes: list[str] = []
 
     def add(self, image: RawImage) -> None:
-        self._rows.append(image)
-        self._rows_bytes += len(image.image)
-        if self._rows_bytes >= self.limits.row_group_bytes or len(self._rows) >= MAX_GROUP_ROWS:
+        self._images += image.image
+        self._offsets.append(len(self._images))
+        self._paths.append(image.path)
+        self._classes.append(image.class_name)
+        if len(self._images) >= self.limits.row_group_bytes or len(self._paths) >= MAX_GROUP_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._rows:
+        if not self._paths:
             return
         if self._writer is None:
             path = self.folder / SHARD_PATTERN.format(split=self.split, index=len(self.shards))
@@ -113,17 +123,22 @@ class ShardWriter:
                 write_statistics=["path", "class_name"],
             )
             self.shards.append(path)
+        offsets = pa.py_buffer(np.array(self._offsets, dtype=np.int64))
+        images = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(self._paths), [None, offsets, pa.py_buffer(self._images)]
+        )
         table = pa.table(
             {
-                "path": pa.array([img.path for img in self._rows], pa.string()),
-                "class_name": pa.array([img.class_name for img in self._rows], pa.string()),
-                "image": pa.array([img.image for img in self._rows], pa.large_binary()),
+                "path": pa.array(self._paths, pa.string()),
+                "class_name": pa.array(self._classes, pa.string()),
+                "image": images,
             },
             schema=SCHEMA,
         )
-        self._writer.write_table(table, row_group_size=len(self._rows))
-        self._shard_bytes += self._rows_bytes
-        self._rows, self._rows_bytes = [], 0
+        self._writer.write_table(table, row_group_size=len(self._paths))
+        self._shard_bytes += len(self._images)
+        del table, images
+        self._new_group()
         if self._shard_bytes >= self.limits.shard_bytes:
             self._close_shard()
 
