@@ -13,7 +13,6 @@ dataset (images x 3 x size x size bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -33,17 +32,18 @@ from tasks.params import write_overrides  # noqa: E402
 
 CLASSES = 10
 PAGE = os.sysconf("SC_PAGE_SIZE")
-# Runs a stage module as `python -m` would (spawned workers re-import it), then reports its rusage.
+# Runs a stage module as `python -m` would (spawned workers re-import it), then reports the peak RSS
+# of its own memory map (VmHWM: ru_maxrss would count what the forking parent held before exec).
 STAGE = (
-    "import json, resource, runpy, sys\n"
+    "import runpy, sys\n"
     "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
     "code = 0\n"
     "try:\n"
     "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
     "except SystemExit as exc:\n"
     "    code = exc.code or 0\n"
-    "own, kids = (resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
-    "print('RUSAGE ' + json.dumps({'self_kb': own, 'child_kb': kids}), file=sys.stderr)\n"
+    "hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+    "print(f'VMHWM {hwm}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -78,8 +78,8 @@ def _env() -> dict[str, str]:
             "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 
-def _tree_rss(pid: int) -> int:
-    """Bytes resident in ``pid`` and all its descendants right now."""
+def _tree_rss(pid: int) -> dict[int, int]:
+    """Bytes resident in ``pid`` and in each of its descendants right now."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -93,26 +93,29 @@ def _tree_rss(pid: int) -> int:
         current = todo.pop()
         tree.add(current)
         todo.extend(child for child, parent in parents.items() if parent == current and child not in tree)
-    total = 0
+    resident: dict[int, int] = {}
     for member in tree:
         try:
             with open(f"/proc/{member}/statm") as fh:
-                total += int(fh.read().split()[1]) * PAGE
+                resident[member] = int(fh.read().split()[1]) * PAGE
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return resident
 
 
 def run_stage(ws: Path, module: str, *args: str) -> dict[str, float]:
-    """Run one stage; its wall time and peak RSS (MB): own process, largest child, whole tree."""
+    """Run one stage; its wall time and peak RSS (MB): own process, largest child (sampled), whole tree
+    (sampled: the sum over the stage and every process it started, at the same moment)."""
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", STAGE, module, *args], cwd=ws, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak = [0, 0]  # tree, largest child
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            resident = _tree_rss(proc.pid)
+            peak[0] = max(peak[0], sum(resident.values()))
+            peak[1] = max([peak[1], *(rss for pid, rss in resident.items() if pid != proc.pid)])
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -121,9 +124,9 @@ def run_stage(ws: Path, module: str, *args: str) -> dict[str, float]:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{module} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    usage = json.loads(next(line for line in err.splitlines() if line.startswith("RUSAGE "))[7:])
-    return {"seconds": time.monotonic() - started, "self_mb": usage["self_kb"] / 1024,
-            "child_mb": usage["child_kb"] / 1024, "tree_mb": peak[0] / 2**20}
+    own_kb = int(next(line for line in err.splitlines() if line.startswith("VMHWM "))[6:])
+    return {"seconds": time.monotonic() - started, "self_mb": own_kb / 1024,
+            "child_mb": peak[1] / 2**20, "tree_mb": peak[0] / 2**20}
 
 
 def main() -> None:
@@ -149,7 +152,7 @@ def main() -> None:
               f" data/ holds {shards} Parquet shards")
         for name, m in stages.items():
             print(f"{name}: {m['seconds']:.0f} s; peak RSS: stage process {m['self_mb']:,.0f} MB, largest child"
-                  f" {m['child_mb']:,.0f} MB, whole process tree {m['tree_mb']:,.0f} MB"
+                  f" (workers, dvc) {m['child_mb']:,.0f} MB, whole process tree {m['tree_mb']:,.0f} MB"
                   f" = {m['tree_mb'] / (decoded / 2**20):.2f}x the decoded size")
         print(f"cores: {len(os.sched_getaffinity(0))}; load average now {os.getloadavg()[0]:.1f}")
     finally:

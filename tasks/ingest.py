@@ -95,13 +95,11 @@ def write_data(dataset: RawDataset, folder: Path, bounds: IngestParams) -> Writt
     for split in SPLITS:
         if not counts[split]:
             raise DataError(f"source {dataset.source}: the {split} split has no images")
-    check_classes(sorted({name for per_class in counts.values() for name in per_class}), dataset.source)
+    classes = sorted({name for per_class in counts.values() for name in per_class})
+    check_classes(classes, dataset.source)
     checksum = content.hexdigest()
     summary = SourceSummary(
-        source=dataset.source,
-        checksum={"content_sha256": checksum},
-        counts=counts,
-        classes=sorted({name for per_class in counts.values() for name in per_class}),
+        source=dataset.source, checksum={"content_sha256": checksum}, counts=counts, classes=classes,
         details=dataset.details,
     )
     summary.write(folder / "source.json")
@@ -121,7 +119,7 @@ def _version(ws: Workspace, staging: Path, changed: bool, content: str) -> str |
     """Swap ``staging`` in (when ``changed``), ``dvc add`` and ``dvc push`` it, verify both; the md5.
 
     Anything failing puts data/ and data.dvc back as they were and re-raises."""
-    dvc_file = ws.data.with_name(ws.data.name + ".dvc")
+    dvc_file = ws.data_dvc
     data_swap = swap.DataSwap(ws)
     try:
         if changed:
@@ -159,16 +157,16 @@ def ingest(p: DataParams, ws: Workspace, source: str | None = None) -> IngestRes
         raise storage_error(exc, staging_root) from exc
     n_train, n_test = (sum(written.counts[split].values()) for split in SPLITS)
     log.info(
-        "data/ %s: %d train, %d test images in %d classes, %d shards (md5 %s)",
+        "data/ %s: %d train, %d test images in %d classes, %.0f MB in %d shards (md5 %s)",
         "updated" if changed else "unchanged",
         n_train,
         n_test,
         len({name for per_class in written.counts.values() for name in per_class}),
+        written.bytes / 1e6,
         sum(len(v) for v in written.shards.values()),
         md5,
     )
-    dvc_file = ws.data.with_name(ws.data.name + ".dvc")
-    return IngestResult(source, ws.data, dvc_file, md5, changed, written.counts, written.content_sha256)
+    return IngestResult(source, ws.data, ws.data_dvc, md5, changed, written.counts, written.content_sha256)
 
 
 def main(argv: list[str] | None = None) -> None:

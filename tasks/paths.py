@@ -36,6 +36,11 @@ class Workspace:
         return self.root / "data"
 
     @property
+    def data_dvc(self) -> Path:
+        """DVC's record of the current data/ version (``dvc add data``)."""
+        return self.root / "data.dvc"
+
+    @property
     def data_source(self) -> Path:
         """Where the raw data came from: source, checksum, counts (JSON)."""
         return self.data / "source.json"

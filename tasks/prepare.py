@@ -14,6 +14,7 @@ manifest column is a field there plus its entry in ``MANIFEST_SCHEMA``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -121,7 +122,7 @@ def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, cha
                     facts.append(image_facts)
                 position = offset + (unit.start + len(facts) - batch.num_rows) * row_bytes
                 if os.pwrite(out.fileno(), block.data, position) != block.nbytes:
-                    raise OSError(28, "No space left on device (short write)", str(images))
+                    raise OSError(errno.ENOSPC, "No space left on device (short write)", str(images))
     except pa.ArrowException as exc:
         raise damaged(unit.path, exc, f" row group {unit.group}") from exc
     except OSError as exc:
@@ -153,7 +154,7 @@ def _keep_decoded(full: Path, final: Path, ok: np.ndarray) -> None:
     full.unlink()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _SplitResult:
     counts: SplitCounts
     shape: list[int]

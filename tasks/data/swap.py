@@ -42,10 +42,6 @@ def _state(ws: Workspace) -> Path:
     return ws.state / "data"
 
 
-def _dvc_file(ws: Workspace) -> Path:
-    return ws.data.with_name(ws.data.name + ".dvc")
-
-
 def _put_back(ws: Workspace, folder: Path) -> None:
     """Make data/ and data.dvc what ``folder``'s record says they were. Safe to repeat after a kill."""
     version = DataVersion.read(folder / RECORD, "ingest")
@@ -54,7 +50,7 @@ def _put_back(ws: Workspace, folder: Path) -> None:
         discard(ws.data)  # the newer data/, or a half-moved one
     if saved.exists():
         durable_replace(saved, ws.data)
-    dvc_file = _dvc_file(ws)
+    dvc_file = ws.data_dvc
     if version.dvc_file is None:
         dvc_file.unlink(missing_ok=True)
     elif not dvc_file.is_file() or dvc_file.read_text() != version.dvc_file:
@@ -68,7 +64,7 @@ class DataSwap:
         self.ws = ws
         self.staging = Staging(_state(ws), ROLLBACK_PREFIX)
         self.folder = self.staging.path
-        dvc_file = _dvc_file(ws)
+        dvc_file = ws.data_dvc
         self.version = DataVersion(
             had_data=ws.data.exists(), dvc_file=dvc_file.read_text() if dvc_file.is_file() else None
         )
