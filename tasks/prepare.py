@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,9 @@ from tasks.paths import SPLITS, Workspace
 
 log = logging.getLogger(__name__)
 
-POOL_MIN = 8192  # images in data/ before a process pool pays for its start-up
+POOL_MIN = 2048  # images in data/ before a process pool (1-2 s to start) pays for itself
 DECODE_BATCH = 64  # images a worker decodes before writing them out in one write
 COPY_BLOCK_BYTES = 64 << 20  # bytes of pixels moved at a time when dropping undecodable rows
-MANIFEST_FLUSH_ROWS = 65_536  # manifest rows buffered before they are written
 MAX_REPORTED_CORRUPT = 1000  # corrupt files listed in prepare_report.json; the rest only counted
 STAGING_PREFIX = "prepare-"  # work folders under .visionops/staging/
 
@@ -79,9 +78,11 @@ class ImageFacts:
     height: int | None
     width: int | None
     channels: int | None
-    mean: float | None
-    std: float | None
     error: str | None
+
+
+FACTS = [f.name for f in fields(ImageFacts)]
+STATS_BLOCK_BYTES = 8 << 20  # float32 pixels converted at a time for the per-image mean and std
 
 
 def inspect_image(encoded: bytes, image_size: int, channels: int) -> tuple[np.ndarray | None, ImageFacts]:
@@ -91,17 +92,31 @@ def inspect_image(encoded: bytes, image_size: int, channels: int) -> tuple[np.nd
         (width, height), bands = img.size, len(img.getbands())
         pixels = convert(img, image_size, channels)
     except DataError as exc:
-        return None, ImageFacts(False, None, None, None, None, None, None, str(exc))
-    scaled = pixels.astype(np.float32) / 255.0
+        return None, ImageFacts(False, None, None, None, None, str(exc))
     digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
-    return pixels, ImageFacts(True, digest, height, width, bands, float(scaled.mean()), float(scaled.std()), None)
+    return pixels, ImageFacts(True, digest, height, width, bands, None)
+
+
+def pixel_stats(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (0..1 scale) of each image of a uint8 (N, C, H, W) block, a few MB at a time."""
+    flat = block.reshape(len(block), -1)
+    step = max(1, STATS_BLOCK_BYTES // (4 * max(1, flat.shape[1])))
+    means, stds = np.empty(len(flat)), np.empty(len(flat))
+    for i in range(0, len(flat), step):
+        scaled = flat[i : i + step].astype(np.float32) / 255.0
+        means[i : i + step], stds[i : i + step] = scaled.mean(axis=1), scaled.std(axis=1)
+    return means, stds
 
 
 @dataclass(frozen=True)
 class DecodedGroup:
-    paths: list[str]
-    class_names: list[str]
-    facts: list[ImageFacts]
+    """One row group's manifest columns (path, class_name, mean, std and every ImageFacts field)."""
+
+    columns: dict[str, list[Any]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns["path"])
 
 
 def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, channels: int) -> DecodedGroup:
@@ -110,35 +125,47 @@ def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, cha
     labels = read_group(unit, ["path", "class_name"])
     row_bytes = channels * image_size * image_size
     facts: list[ImageFacts] = []
+    means: list[float | None] = []
+    stds: list[float | None] = []
     try:
         batches = parquet_file(unit.path).iter_batches(DECODE_BATCH, row_groups=[unit.group], columns=["image"])
         with open(images, "r+b") as out:
             for batch in batches:
                 block = np.zeros((batch.num_rows, channels, image_size, image_size), np.uint8)
+                first = len(facts)
                 for i, encoded in enumerate(batch.column(0).to_pylist()):
                     pixels, image_facts = inspect_image(encoded, image_size, channels)
                     if pixels is not None:
                         block[i] = pixels
                     facts.append(image_facts)
-                position = offset + (unit.start + len(facts) - batch.num_rows) * row_bytes
+                mean, std = pixel_stats(block)
+                ok = [f.decoded for f in facts[first:]]
+                means += [float(m) if good else None for m, good in zip(mean, ok, strict=True)]
+                stds += [float(v) if good else None for v, good in zip(std, ok, strict=True)]
+                position = offset + (unit.start + first) * row_bytes
                 if os.pwrite(out.fileno(), block.data, position) != block.nbytes:
                     raise OSError(errno.ENOSPC, "No space left on device (short write)", str(images))
     except pa.ArrowException as exc:
         raise damaged(unit.path, exc, f" row group {unit.group}") from exc
     except OSError as exc:
         raise storage_error(exc, images) from exc
-    return DecodedGroup(labels.column("path").to_pylist(), labels.column("class_name").to_pylist(), facts)
+    columns: dict[str, list[Any]] = {
+        "path": labels.column("path").to_pylist(),
+        "class_name": labels.column("class_name").to_pylist(),
+        "mean": means,
+        "std": stds,
+    }
+    columns.update({name: [getattr(f, name) for f in facts] for name in FACTS})
+    return DecodedGroup(columns)
 
 
 def _decoded(
     units: list[RowGroup], pool: ProcessPoolExecutor | None, images: Path, offset: int, p: DataParams
-) -> Iterator[tuple[str, str, ImageFacts]]:
-    """(path, class, facts) of every image of ``units``, in order, decoded by ``pool`` or here."""
+) -> Iterator[DecodedGroup]:
+    """Every row group of ``units`` decoded, in order, by ``pool`` or here."""
     n = len(units)
     args = (units, [images] * n, [offset] * n, [p.image_size] * n, [p.channels] * n)
-    groups = pool.map(decode_group, *args) if pool is not None else map(decode_group, *args)
-    for group in groups:
-        yield from zip(group.paths, group.class_names, group.facts, strict=True)
+    yield from pool.map(decode_group, *args) if pool is not None else map(decode_group, *args)
 
 
 def _keep_decoded(full: Path, final: Path, ok: np.ndarray) -> None:
@@ -176,28 +203,22 @@ def _prepare_split(
     ok: list[bool] = []
     labels: list[int] = []
     corrupt: list[CorruptFile] = []
-    rows: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
     decoded = _decoded(units, pool, full, offset, p)
-    for path, name, facts in track(decoded, total, f"prepare {split}: decode", log):
-        if name not in label_of:
-            raise DataError(f"{ws.data}: {path} has class {name!r}, which is not in data/'s class list: re-ingest")
-        rows["split"].append(split)
-        rows["index"].append(len(labels) if facts.decoded else -1)
-        rows["label"].append(label_of[name])
-        rows["class_name"].append(name)
-        rows["path"].append(path)
-        for column, value in asdict(facts).items():
-            rows[column].append(value)
-        ok.append(facts.decoded)
-        if facts.decoded:
-            labels.append(label_of[name])
-        elif len(corrupt) < MAX_REPORTED_CORRUPT:
-            corrupt.append(CorruptFile(split, path, facts.error or "undecodable"))
-        if len(rows["split"]) >= MANIFEST_FLUSH_ROWS:
-            manifest.write_table(pa.table(rows, schema=MANIFEST_SCHEMA))
-            rows = {column: [] for column in rows}
-    if rows["split"]:
-        manifest.write_table(pa.table(rows, schema=MANIFEST_SCHEMA))
+    for group in track(decoded, len(units), f"prepare {split}: row groups decoded", log):
+        columns = group.columns
+        unknown = set(columns["class_name"]) - set(label_of)
+        if unknown:
+            raise DataError(f"{ws.data}: classes {sorted(unknown)} are not in data/'s class list: re-ingest")
+        group_labels = [label_of[name] for name in columns["class_name"]]
+        index = np.cumsum(columns["decoded"]) - 1 + len(labels)
+        columns["index"] = [int(i) if good else -1 for i, good in zip(index, columns["decoded"], strict=True)]
+        columns["label"], columns["split"] = group_labels, [split] * group.rows
+        manifest.write_table(pa.table(columns, schema=MANIFEST_SCHEMA))
+        ok += columns["decoded"]
+        labels += [label for label, good in zip(group_labels, columns["decoded"], strict=True) if good]
+        for path, error in zip(columns["path"], columns["error"], strict=True):
+            if error is not None and len(corrupt) < MAX_REPORTED_CORRUPT:
+                corrupt.append(CorruptFile(split, path, error))
     final = out / ws.images(split).name
     if all(ok):
         os.replace(full, final)

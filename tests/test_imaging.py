@@ -69,3 +69,11 @@ def test_exif_orientation_is_applied() -> None:
     viewed = np.asarray(Image.fromarray(upright).resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     assert np.abs(out.astype(int) - viewed.astype(int)).max() < 40  # JPEG noise, not a quarter turn
     assert out[0, :, 12:].mean() > 200 and out[0, :, :4].mean() < 50  # red on the right, as a viewer shows it
+
+
+@pytest.mark.parametrize("pixels", [150, 250])  # above the limit (Pillow warns), and twice it (Pillow refuses)
+def test_a_decompression_bomb_is_an_undecodable_image(monkeypatch: pytest.MonkeyPatch, pixels: int) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    data = encode_png(np.zeros((pixels // 10, 10, 3), np.uint8))
+    with pytest.raises(DataError, match=r"undecodable image .*decompression bomb"):
+        to_array(data, 8, 3)

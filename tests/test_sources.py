@@ -172,6 +172,14 @@ def test_zip_members_escaping_the_archive_are_refused(tmp_path: Path, member: st
         _load(archive)
 
 
+def _two_classes(tar: tarfile.TarFile) -> None:
+    """a/0.png and b/0.png, three bytes each."""
+    for name in ("a/0.png", "b/0.png"):
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+
+
 @pytest.mark.parametrize(
     ("kind", "target", "where"),
     [
@@ -184,10 +192,7 @@ def test_zip_members_escaping_the_archive_are_refused(tmp_path: Path, member: st
 def test_tar_links_are_refused_and_named(tmp_path: Path, kind: bytes, target: str, where: str) -> None:
     archive = tmp_path / "link.tar"
     with tarfile.open(archive, "w") as tar:
-        for name in ("a/0.png", "b/0.png"):
-            info = tarfile.TarInfo(name)
-            info.size = 3
-            tar.addfile(info, io.BytesIO(b"abc"))
+        _two_classes(tar)
         link = tarfile.TarInfo("a/x.png")
         link.type, link.linkname = kind, target
         tar.addfile(link)
@@ -347,10 +352,7 @@ def test_a_zip_member_larger_than_it_declares_is_not_read_past_its_size(tmp_path
 def test_a_tar_member_declaring_a_gigabyte_is_refused_at_its_header(tmp_path: Path) -> None:
     archive = tmp_path / "bomb.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        for name in ("a/0.png", "b/0.png"):
-            info = tarfile.TarInfo(name)
-            info.size = 3
-            tar.addfile(info, io.BytesIO(b"abc"))
+        _two_classes(tar)
         header = tarfile.TarInfo("b/bomb.png")
         header.size = 1 << 30
         tar.fileobj.write(header.tobuf())  # the header only: never read further

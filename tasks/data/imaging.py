@@ -36,8 +36,9 @@ def decode(encoded: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(encoded))
             img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(img) or img
+        # Only an image with an EXIF block (JPEG, PNG, WebP) or TIFF tags can say it is stored sideways.
+        if ("exif" in img.info or img.format == "TIFF") and img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img) or img
     except UnidentifiedImageError as exc:
         # Pillow's own message quotes a memory address; keep the manifest reproducible.
         raise DataError(f"undecodable image ({len(encoded)} bytes): not a recognised image format") from exc
