@@ -97,8 +97,8 @@ def failure_reason(lines: list[str]) -> str:
     own = [line for line in lines if not line.startswith("ERROR: failed to reproduce")]
     for i in range(len(own) - 1, -1, -1):
         if own[i].startswith(ERROR_PREFIX) or " ERROR " in own[i]:
-            line = own[i]
-            first = line.removeprefix(ERROR_PREFIX) if line.startswith(ERROR_PREFIX) else line.split(" ERROR ", 1)[1]
+            found = own[i]
+            first = found.removeprefix(ERROR_PREFIX) if found.startswith(ERROR_PREFIX) else found.split(" ERROR ", 1)[1]
             return " ".join([first, *(line.strip() for line in own[i + 1 :] if line.strip())])
     meaningful = [line.strip() for line in own if line.strip()]
     return meaningful[-1] if meaningful else "no output"

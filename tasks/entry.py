@@ -14,10 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import DataError, VisionopsError, storage_error
+from tasks.errors import user_error
 from tasks.paths import Workspace
-
-log = logging.getLogger("visionops")
 
 
 @dataclass(frozen=True)
@@ -38,18 +36,6 @@ def configure_logging() -> None:
 ERROR_PREFIX = "visionops: error: "  # the one line a failed stage ends with (flows/prefect_tasks.py reads it)
 
 
-def _reported(exc: BaseException, stage: str) -> VisionopsError | None:
-    """``exc`` as an error for people, or None for a bug (which keeps its traceback)."""
-    if isinstance(exc, VisionopsError):
-        return exc
-    if isinstance(exc, OSError):  # a full disk, a permission: say which file and what to do
-        return storage_error(exc, f"the workspace of stage {stage}")
-    arrow = sys.modules.get("pyarrow")
-    if arrow is not None and isinstance(exc, arrow.ArrowException):  # a Parquet file no reader caught
-        return DataError(f"stage {stage}: a Parquet file is unreadable ({exc}); run the stages before it again")
-    return None
-
-
 def run_stage(stage: Callable[[], object]) -> None:
     """Run ``stage`` and exit: 0 done, 2 config, 3 gate rejected, 1 anything else reported.
 
@@ -62,8 +48,8 @@ def run_stage(stage: Callable[[], object]) -> None:
     name = (spec.name if spec is not None else getattr(stage, "__module__", "stage")).rsplit(".", 1)[-1]
     try:
         stage()
-    except Exception as exc:  # sorted by _reported; a bug is re-raised with its traceback
-        error = _reported(exc, name)
+    except Exception as exc:  # sorted by user_error; a bug is re-raised with its traceback
+        error = user_error(exc, f"stage {name}")
         if error is None:
             raise
         print(f"{ERROR_PREFIX}{type(error).__name__}: {error}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 
 
 class VisionopsError(Exception):
@@ -47,7 +48,27 @@ _STORAGE_ADVICE = {
     errno.EROFS: "that file system is read-only",
     errno.EACCES: "check the permissions of that path",
     errno.EPERM: "check the permissions of that path",
+    errno.EEXIST: "a file stands where a folder should be: move it away",
+    errno.ENOTDIR: "a file stands where a folder should be: move it away",
+    errno.EISDIR: "a folder stands where a file should be: move it away",
 }
+
+
+def user_error(exc: BaseException, where: str) -> VisionopsError | None:
+    """``exc`` as an error for people (``where``: the stage or command), or None for a bug, which
+    keeps its traceback. A full disk, a permission, the network or an unreadable Parquet file is not
+    a bug: it gets one line that says what and where."""
+    if isinstance(exc, VisionopsError):
+        return exc
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return RuntimeUnavailable(f"{where}: {exc}; check the network and run it again")
+    if isinstance(exc, OSError):
+        return storage_error(exc, f"the workspace of {where}")
+    arrow = sys.modules.get("pyarrow")  # only loaded if the failing code used it
+    if arrow is not None and isinstance(exc, arrow.ArrowException):
+        return DataError(f"{where}: a Parquet file is unreadable ({' '.join(str(exc).split())}); run the step"
+                         " that writes it again")
+    return None
 
 
 def storage_error(exc: OSError, path: object) -> StorageError:

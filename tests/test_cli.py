@@ -71,6 +71,14 @@ def test_a_workspace_without_params_yaml_exits_2(tmp_path: Path, capsys: pytest.
     assert "params.yaml not found" in capsys.readouterr().err
 
 
+def test_a_file_system_error_is_one_line_not_a_traceback(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (ws / ".visionops").write_text("a file where the state folder goes")
+    assert _main(ws, "ingest") == 1
+    err = capsys.readouterr().err
+    expected = f"cannot read or write {ws / '.visionops'}: File exists; a file stands where a folder should be"
+    assert err.startswith("visionops: error: ") and expected in err and err.count("\n") == 1
+
+
 def test_status_before_any_promotion(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(ws, "status") == 0
     assert capsys.readouterr().out.startswith("production: none")

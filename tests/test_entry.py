@@ -55,3 +55,12 @@ def test_a_bug_keeps_its_traceback() -> None:
 
     with pytest.raises(KeyError):
         run_stage(stage)
+
+
+def test_a_network_failure_is_named_as_one(capsys: pytest.CaptureFixture[str]) -> None:
+    def stage() -> None:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    code, errors = _exit(stage, capsys)
+    assert code == 1 and errors[0].startswith("visionops: error: RuntimeUnavailable: stage test_entry:")
+    assert "check the network" in errors[0]
