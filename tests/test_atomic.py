@@ -47,6 +47,7 @@ def test_a_staging_folder_is_removed_on_failure_and_kept_while_its_owner_lives(t
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.integration  # kills a real process
 def test_sweep_removes_what_a_killed_owner_left_and_nothing_else(tmp_path: Path) -> None:
     code = (
         "import os, sys; from pathlib import Path; from tasks.fs.atomic import Staging;"

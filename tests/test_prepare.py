@@ -83,6 +83,7 @@ def test_grayscale_output_and_any_input_size(tmp_path: Path) -> None:
     assert np.load(ws.images("train")).shape == (3, 1, 16, 16)
 
 
+@pytest.mark.integration  # starts worker processes
 def test_process_pool_over_shards_gives_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train = [RawImage(f"a/{i}.png", "a", _png(i)) for i in range(40)] + [RawImage("a/bad.png", "a", b"x")]
     train += [RawImage(f"b/{i}.png", "b", _png(100 + i)) for i in range(3)]
@@ -166,6 +167,7 @@ def test_module_entry_reports_a_broken_parquet_file_in_one_line(tmp_path: Path) 
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration  # kills a real prepare process
 def test_a_killed_prepare_leaves_no_work_folder_past_the_next_run(tmp_path: Path) -> None:
     import os
     import signal
