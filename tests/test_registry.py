@@ -29,7 +29,9 @@ from candidate_factory import (
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
-PARAMS = RegistryParams(uri="registry", model_name="clf", max_batch_size=16, lock_timeout_s=30.0)
+PARAMS = RegistryParams(
+    uri="registry", model_name="clf", max_batch_size=16, lock_timeout_s=30.0, lease_s=5.0, require_conditional_writes=True
+)
 
 
 def _publish(registry: Registry, tmp_path: Path, tag: int, classes: list[str] = CLASSES3) -> int:
@@ -153,7 +155,7 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
             from pathlib import Path
             from tasks.params import RegistryParams
             from tasks.registry import Registry
-            params = RegistryParams("r", "clf", 16, 30.0)
+            params = RegistryParams("r", "clf", 16, 30.0, 5.0, True)
             reg = Registry({str(tmp_path / "registry")!r}, params, Path({str(tmp_path)!r}))
             with reg.lock():
                 print("locked", flush=True)
@@ -168,7 +170,7 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "locked"
-        impatient = Registry(str(tmp_path / "registry"), RegistryParams("r", "clf", 16, 0.5), tmp_path)
+        impatient = Registry(str(tmp_path / "registry"), RegistryParams("r", "clf", 16, 0.5, 5.0, True), tmp_path)
         start = time.monotonic()
         with pytest.raises(RegistryError, match="locked by another promotion"), impatient.lock():
             pass
