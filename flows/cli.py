@@ -104,11 +104,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tasks.ingest import ingest
+    from tasks.registry import Registry
 
     ws = _workspace(args)
     params = _params(ws)
     with _locked(ws, params, "ingest"):
         result = ingest(params.data, ws, args.source)
+        Registry.open(ws, params.registry).ensure_marker()  # validate's DVC dependency, before `dvc repro`
         if args.source is not None and args.source != params.data.source:
             # data.source records where data/ came from, so the next pipeline run ingests the same.
             params_module.write_overrides(ws.params_file, {"data.source": args.source})
@@ -198,12 +200,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from tasks.registry import Registry
     from tasks.registry.reproduce import reproduce
 
     ws = _workspace(args)
     params = _params(ws)
     with _locked(ws, params, "reproduce"):
         result = reproduce(params.registry, ws, args.version)
+        Registry.open(ws, params_module.load(ws.params_file).registry).ensure_marker()
     for path in result.written:
         print(f"wrote {path.name} as it was when version {result.version} was built")
     for path in result.removed:

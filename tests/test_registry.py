@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -160,7 +162,7 @@ def test_a_flipped_byte_in_any_file_of_production_is_a_named_error_on_every_read
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     fresh = Registry(str(tmp_path / "registry"), PARAMS, tmp_path / "cache")
-    reads = [fresh.production, fresh.status, fresh.production_weights, lambda: fresh.card(1)]
+    reads: list[Callable[[], object]] = [fresh.production, fresh.status, fresh.production_weights, partial(fresh.card, 1)]
     for read in reads:
         with pytest.raises(IntegrityError, match=rf"version 1: .*{name} does not match the sha256"):
             read()
@@ -177,7 +179,7 @@ def test_an_edited_card_cannot_change_what_is_read_even_with_its_own_hashes_forg
     card["classes"] = ["eel", "dog", "cat"]  # would reorder predict's labels
     card["files"]["model.onnx"] = "0" * 64  # and would make every promotion's baseline check fail
     card_path.write_text(json.dumps(card))
-    with pytest.raises(IntegrityError, match="card.json does not match the sha256 recorded when it was published"):
+    with pytest.raises(IntegrityError, match=r"card.json does not match the sha256 recorded when it was published"):
         registry.status()
 
 
@@ -186,7 +188,7 @@ def test_rollback_to_a_corrupt_version_is_refused_and_production_stays(registry:
     _publish(registry, tmp_path, 2)
     (model_dir(tmp_path) / "1" / "model.onnx").write_bytes(b"not the model that was promoted")
     config = (model_dir(tmp_path) / CONFIG).read_bytes()
-    with pytest.raises(IntegrityError, match="version 1: .*model.onnx does not match"):
+    with pytest.raises(IntegrityError, match=r"version 1: .*model.onnx does not match"):
         registry.rollback()
     assert (model_dir(tmp_path) / CONFIG).read_bytes() == config
     assert [e.event for e in registry.events().events] == ["promote", "promote"]
@@ -212,7 +214,7 @@ def test_a_version_that_landed_but_was_never_activated_is_no_target_and_the_next
     assert registry.versions() == [1, 2]
     audit = registry.audit()
     assert [(v.version, v.state) for v in audit.versions][-1] == (3, "never activated") and audit.ok
-    with pytest.raises(RegistryError, match="version 3 .* was never production"):
+    with pytest.raises(RegistryError, match=r"version 3 .* was never production"):
         registry.rollback(to=3)  # refused, but under the lock: the leftover is gone now
     assert not (folder / "3").exists() and not (folder / "labels-3.txt").exists()
     assert registry.rollback() == 1
@@ -243,7 +245,7 @@ def test_a_pointer_whose_labels_are_not_its_versions_is_refused_then_repaired(
     _publish(registry, tmp_path, 2, classes=["ant", "bee", "cow"])
     folder = model_dir(tmp_path)
     (folder / CONFIG).write_text((folder / CONFIG).read_text().replace("labels-2.txt", "labels-1.txt"))
-    with pytest.raises(RegistryError, match="pins version 2 with labels 'labels-1.txt'"):
+    with pytest.raises(RegistryError, match=r"pins version 2 with labels 'labels-1.txt'"):
         registry.production()
     assert not registry.audit().ok
     with registry.lock():
@@ -312,7 +314,7 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
 def test_a_store_without_conditional_writes_is_refused_for_promotion_unless_opted_out(tmp_path: Path) -> None:
     uri = f"memory://visionops-{tmp_path.name}/registry"
     refused = Registry(uri, PARAMS, tmp_path / "cache")
-    with pytest.raises(ConfigError, match="cannot be locked .* registry.require_conditional_writes: false"):
+    with pytest.raises(ConfigError, match=r"cannot be locked .* registry.require_conditional_writes: false"):
         _publish(refused, tmp_path, 1)
     assert refused.production() is None and refused.store.names(refused.store.path("clf")) == []
     unlocked = Registry(uri, RegistryParams("r", "clf", 16, 30.0, 5.0, False), tmp_path / "cache")

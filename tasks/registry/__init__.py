@@ -560,11 +560,14 @@ class Registry:
     def ensure_marker(self) -> None:
         """Create production.json ("no production yet") if the registry has none: validate's DVC
         dependency must exist before the first promotion. Never overwrites."""
-        if self.store.local:
-            Path(self._p()).mkdir(parents=True, exist_ok=True)
         marker = ProductionMarker(None, None)
-        with contextlib.suppress(Conflict):
-            self.store.create(self._p(MARKER), (json.dumps(marker.to_json(), indent=2) + "\n").encode())
+        try:
+            if self.store.local:
+                Path(self._p()).mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(Conflict):
+                self.store.create(self._p(MARKER), (json.dumps(marker.to_json(), indent=2) + "\n").encode())
+        except OSError as exc:
+            raise RegistryError(f"cannot write {self.store.url(self._p(MARKER))}: {exc}") from exc
 
     def rollback(self, to: int | None = None, readmit: bool = False) -> int:
         """Move production back to ``to`` (default: the newest earlier version that was production
