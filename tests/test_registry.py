@@ -162,7 +162,9 @@ def test_a_flipped_byte_in_any_file_of_production_is_a_named_error_on_every_read
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     fresh = Registry(str(tmp_path / "registry"), PARAMS, tmp_path / "cache")
-    reads: list[Callable[[], object]] = [fresh.production, fresh.status, fresh.production_weights, partial(fresh.card, 1)]
+    reads: list[Callable[[], object]] = [
+        fresh.production, fresh.status, fresh.production_weights, partial(fresh.card, 1)
+    ]
     for read in reads:
         with pytest.raises(IntegrityError, match=rf"version 1: .*{name} does not match the sha256"):
             read()
