@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,39 +28,14 @@ from tasks.registry import IntegrityError, Registry
 
 from candidate_factory import (
     CLASSES3,
-    answers_for,
-    answers_images,
+    make_ws,
+    nested_split,
     pixel_reader_candidate,
     pixel_reader_onnx,
     run_stage,
     stage_command,
-    write_params,
     write_split,
 )
-
-N = 60
-
-
-def make_ws(root: Path, registry: Path, **overrides: Any) -> Workspace:
-    ws = Workspace(root)
-    write_params(
-        ws,
-        {
-            "registry.uri": str(registry),
-            "registry.model_name": "clf",
-            "promote.require_provider": "cpu",
-            "registry.max_batch_size": 16,
-            **overrides,
-        },
-    )
-    return ws
-
-
-def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
-    """Channel c's reader gets the first right[c] of N images right (nested sets: a superset is better)."""
-    labels = np.random.default_rng(0).integers(0, 3, N)
-    answers = [answers_for(labels, np.arange(N) < r, 3) for r in right]
-    write_split(ws, answers_images(answers, 3), labels, CLASSES3)
 
 
 def tree_bytes(root: Path) -> dict[str, str]:

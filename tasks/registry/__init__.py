@@ -50,7 +50,7 @@ from tasks.registry.status import (
     VersionAudit,
     VersionState,
 )
-from tasks.registry.store import Conflict, Store
+from tasks.registry.store import Conflict, Store, numbered
 from tasks.registry.triton import Pin, config_pbtxt, labelled_versions, labels_bytes, labels_file, pinned
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ STAGING_PREFIX = ".staging-"  # Triton ignores non-numeric subfolders of a model
 PROBE_PREFIX = ".probe-"
 _LOCK_POLL_S = 0.2
 _WAIT_LOG_EVERY_S = 30.0
+_PROBED: dict[str, str | None] = {}  # registry location -> why it cannot lock (None: it can), this process
 
 
 class IntegrityError(RegistryError):
@@ -100,11 +101,14 @@ class Registry:
         self.params = p
         self.model_name = p.model_name
         self.cache = cache / p.model_name
-        self.history = History(self.store, self._p(HISTORY))
+        self.history = History(self.store, self._p(HISTORY), self.cache / "history")
         self._locked = False
         self._lease: Lease | None = None
-        self._events: Events | None = None  # cached while locked: nobody else writes then
-        self._pointer_tag: str | None = None  # config.pbtxt's ETag when read under the lock (fencing)
+        # Cached while locked (nobody else writes then), dropped when this process writes:
+        self._events: Events | None = None
+        self._listing: dict[str, str | None] | None = None  # the model folder: name -> tag
+        self._pinned: tuple[Pin | None, str | None] | None = None  # config.pbtxt's pin and tag (fencing)
+        self._marker: bytes | None = None
         self._verified: dict[int, dict[str, Path]] = {}
 
     @classmethod
@@ -122,22 +126,28 @@ class Registry:
     def events(self) -> Events:
         if self._events is not None:
             return self._events
-        if not self.store.names(self._p(HISTORY)) and self.store.exists(self._p("history.jsonl")):
+        events = self.history.read()
+        if not events.events and "history.jsonl" in self._entries():
             raise RegistryError(
                 f"{self.location} was written by an older visionops (history.jsonl, labels.txt):"
                 " promote into a new registry.uri or registry.model_name"
             )
-        events = self.history.read()
         if self._locked:
             self._events = events
         return events
 
     def _pin(self) -> tuple[Pin | None, str | None]:
         """What config.pbtxt pins, and its tag; (None, None) before the first promotion."""
+        if self._pinned is not None:
+            return self._pinned
         path = self._p(CONFIG)
         try:
             data, tag = self.store.read_tagged(path)
         except FileNotFoundError:
+            data, tag = None, None
+        if data is None:
+            if self._locked:
+                self._pinned = (None, None)
             return None, None
         pin = pinned(data.decode(errors="replace"))
         if pin is None:
@@ -145,7 +155,18 @@ class Registry:
                 f"{self.store.url(path)} has no version_policy {{ specific {{ versions: [N] }} }}: "
                 "it was edited by hand; restore it with `visionops rollback --to N`"
             )
+        if self._locked:
+            self._pinned = (pin, tag)
         return pin, tag
+
+    def _entries(self) -> dict[str, str | None]:
+        """The model folder's names and tags (one listing; cached while locked)."""
+        if self._listing is not None:
+            return self._listing
+        listing = self.store.entries(self._p())
+        if self._locked:
+            self._listing = listing
+        return listing
 
     def production_version(self) -> int | None:
         """The version config.pbtxt pins, or None before the first promotion (files not checked)."""
@@ -163,11 +184,16 @@ class Registry:
                 f"version {version} of {self.location} has no promote event in its history: it was never"
                 " activated, so its files cannot be verified"
             )
+        # Two listings give every file's tag (ETag): labels-<N>.txt in the model folder, the rest in <N>/.
+        in_version = self.store.entries(self._p(str(version)))
+        tags = {**self._entries(), **{f"{version}/{name}": tag for name, tag in in_version.items()}}
         files = {}
         for name, expected in sorted(record.files.items()):
             path = self._p(name)
             try:
-                local = self.store.local_copy(path, self.cache / str(version))
+                if name not in tags:
+                    raise FileNotFoundError(path)
+                local = self.store.local_copy(path, self.cache / str(version), tags[name])
             except FileNotFoundError:
                 raise IntegrityError(
                     f"version {version}: {self.store.url(path)} is missing (history event {record.seq} recorded"
@@ -300,8 +326,8 @@ class Registry:
         return RegistryAudit(self.location, len(events.events), None if pin is None else pin.version, audits, problems)
 
     def _versions_present(self) -> set[int]:
-        names = self.store.names(self._p())
-        return set(self.store.numeric_dirs(self._p())) | labelled_versions(names)
+        names = list(self._entries())
+        return set(numbered(names)) | labelled_versions(names)
 
     # locking
     @contextlib.contextmanager
@@ -316,12 +342,18 @@ class Registry:
         else:
             acquire = self._unlocked
         with acquire():
-            self._locked, self._events, self._verified = True, None, {}
+            self._locked, self._verified = True, {}
+            self._forget()
             try:
                 self._recover()
                 yield
             finally:
-                self._locked, self._events = False, None
+                self._locked = False
+                self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was cached about the store (after this process wrote to it, or left the lock)."""
+        self._events, self._listing, self._pinned, self._marker = None, None, None, None
 
     def _lock_local(self) -> contextlib.AbstractContextManager[None]:
         @contextlib.contextmanager
@@ -348,7 +380,9 @@ class Registry:
         return held()
 
     def _lock_lease(self) -> contextlib.AbstractContextManager[None]:
-        problem = probe_conditional_writes(self.store, self._p(f"{PROBE_PREFIX}{uuid.uuid4().hex}"))
+        if self.location not in _PROBED:  # once per process: four requests
+            _PROBED[self.location] = probe_conditional_writes(self.store, self._p(f"{PROBE_PREFIX}{uuid.uuid4().hex}"))
+        problem = _PROBED[self.location]
         if problem is not None:
             return self._unlocked(problem)
 
@@ -417,12 +451,12 @@ class Registry:
             for stale in Path(self._p()).glob(STAGING_PREFIX + "*"):
                 log.warning("removing %s left by an interrupted promotion", stale)
                 shutil.rmtree(stale)
-        for name in self.store.names(self._p()):
+        for name in self._entries():
             if name.startswith(PROBE_PREFIX):
                 self.store.delete(self._p(name))
         events = self.events()
         active = events.production()
-        pin, self._pointer_tag = self._pin()
+        pin, _ = self._pin()
         if active is None and pin is not None:
             raise RegistryError(
                 f"{self.store.url(self._p(CONFIG))} pins version {pin.version} but {self.history.location} records"
@@ -446,6 +480,7 @@ class Registry:
             log.warning("removing version %d of %s: uploaded but never activated", version, self.location)
             self.store.remove_tree(self._p(str(version)))
             self.store.delete(self._p(labels_file(version)))
+            self._listing = None
             self._append("discard", version, production, note="uploaded but never activated; its files were removed")
 
     def next_version(self) -> int:
@@ -502,8 +537,11 @@ class Registry:
                 f"version {version} of {self.location} is being written by another process ({exc}): this one's"
                 " lease expired or was taken over; retry"
             ) from None
+        finally:
+            self._listing = None
         for name, sha in expected.items():  # S3 has no rename: check what arrived before the pointer moves
-            actual = file_digest(self.store.local_copy(self._p(name), self.cache / "uploaded" / str(version)))
+            path = self._p(name)
+            actual = file_digest(Path(path)) if self.store.local else _sha256(self.store.read_tagged(path)[0])
             if actual != sha:
                 raise RegistryError(
                     f"{self.store.url(self._p(name))} did not arrive intact (sha256 {actual[:12]}... instead of"
@@ -539,12 +577,13 @@ class Registry:
         text = config_pbtxt(self.model_name, int(max_batch), version, card.export)
         self._fence()
         try:
-            self._pointer_tag = self.store.swap(self._p(CONFIG), text.encode(), self._pointer_tag)
+            tag = self.store.swap(self._p(CONFIG), text.encode(), self._pin()[1])
         except Conflict:
             raise RegistryError(
                 f"{self.store.url(self._p(CONFIG))} changed while this process held the registry lease (it was"
                 " taken over): production was not moved by this process; check `visionops status`"
             ) from None
+        self._pinned = (pinned(text), tag)
         self._write_marker(version)
 
     def _write_marker(self, version: int | None) -> None:
@@ -552,10 +591,12 @@ class Registry:
         marker = ProductionMarker(version, None if record is None else record.files.get(f"{version}/{MODEL_FILE}"))
         data = (json.dumps(marker.to_json(), indent=2) + "\n").encode()
         path = self._p(MARKER)
-        with contextlib.suppress(FileNotFoundError):
-            if self.store.read_bytes(path) == data:
-                return
-        self.store.write(path, data)
+        if self._marker is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._marker = self.store.read_bytes(path)
+        if self._marker != data:
+            self.store.write(path, data)
+            self._marker = data
 
     def ensure_marker(self) -> None:
         """Create production.json ("no production yet") if the registry has none: validate's DVC

@@ -14,12 +14,15 @@ but never activated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from tasks.errors import RegistryError
+from tasks.fs.atomic import atomic_write_bytes
 from tasks.fs.records import Record, RecordError
 from tasks.registry.store import Conflict, Store
 
@@ -87,27 +90,49 @@ class Events:
 
 
 class History:
-    """``<model>/history/``: read in order, append with create-if-absent."""
+    """``<model>/history/``: read in order, append with create-if-absent.
 
-    def __init__(self, store: Store, folder: str) -> None:
+    On an object store, events already read are kept under ``cache`` by their ETag (the listing
+    gives it), so a read fetches only new or rewritten events.
+    """
+
+    def __init__(self, store: Store, folder: str, cache: Path | None = None) -> None:
         self.store = store
         self.folder = folder
+        self.cache = cache
 
     @property
     def location(self) -> str:
         return self.store.url(self.folder)
 
+    def _cached(self, name: str, tag: str | None) -> Path | None:
+        if self.cache is None or tag is None or self.store.local:
+            return None
+        return self.cache / f"{name}.{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
+
+    def _raw(self) -> dict[str, bytes]:
+        """Each event's bytes by object name, fetching only what is not cached."""
+        listing = self.store.entries(self.folder)
+        names = [n for n in listing if n.endswith(".json") and not n.startswith(".")]
+        raw: dict[str, bytes] = {}
+        for name in names:
+            cached = self._cached(name, listing[name])
+            if cached is not None and cached.is_file():
+                raw[name] = cached.read_bytes()
+        missing = [posixpath.join(self.folder, n) for n in names if n not in raw]
+        fetched = self.store.fs.cat(missing) if missing else {}  # s3fs fetches them concurrently
+        for path in missing:
+            name = posixpath.basename(path)
+            data = fetched.get(path) if isinstance(fetched, dict) else None
+            raw[name] = data if data is not None else self.store.read_bytes(path)
+            if (cached := self._cached(name, listing[name])) is not None:
+                atomic_write_bytes(cached, raw[name])
+        return raw
+
     def read(self) -> Events:
-        names = [n for n in self.store.names(self.folder) if n.endswith(".json") and not n.startswith(".")]
-        paths = [posixpath.join(self.folder, n) for n in names]
-        # One request for all: s3fs fetches them concurrently.
-        blobs = self.store.fs.cat(paths) if paths else {}
         events = []
-        for name, path in zip(names, paths, strict=True):
-            raw = blobs.get(path) if isinstance(blobs, dict) else blobs
-            if raw is None:  # fsspec keys the result by the path it was given, with or without protocol
-                raw = self.store.read_bytes(path)
-            where = self.store.url(path)
+        for name, raw in sorted(self._raw().items()):
+            where = self.store.url(posixpath.join(self.folder, name))
             try:
                 event = HistoryEvent.from_json(json.loads(raw), where=where)
             except (ValueError, RecordError) as exc:

@@ -74,38 +74,42 @@ class Lease:
 
     def acquire(self, timeout_s: float, poll_s: float, on_wait: Callable[[LeaseBody, float], None]) -> None:
         """Hold the lease, waiting up to ``timeout_s``; ``on_wait(current, waited_s)`` while another holds it."""
+        log.debug("registry lease %s: %s is trying to acquire it", self.store.url(self.path), self.holder)
         started = time.monotonic()
         seen: tuple[str | None, float] | None = None  # (ETag, first seen at) of the other holder's lease
+        current: LeaseBody | None = None
         while True:
-            sent = time.monotonic()
-            try:
-                self._held(self.store.create(self.path, self._body()), sent)
-                return
-            except Conflict:
-                pass
-            current, etag = self._read()
-            now = time.monotonic()
-            if current is not None:
-                if seen is None or seen[0] != etag:
-                    seen = (etag, now)
-                elif now - seen[1] > max(current.lease_s, self.lease_s):
-                    # Unchanged for a whole lease: its holder stopped renewing (killed, or cut off).
-                    try:
-                        self._held(self.store.swap(self.path, self._body(), etag), time.monotonic())
-                    except Conflict:
-                        seen = None  # renewed, released or taken by another waiter meanwhile
-                        continue
-                    log.warning("registry lease %s: took over from %s, whose lease expired",
-                                self.store.url(self.path), current.holder)
+            if current is None:  # free, or not looked at yet: try to take it
+                sent = time.monotonic()
+                try:
+                    self._held(self.store.create(self.path, self._body()), sent)
                     return
-                waited = now - started
-                if waited >= timeout_s:
-                    raise RegistryError(
-                        f"registry {self.store.url(self.path)} is locked by {current.holder} (waited {waited:.0f} s,"
-                        " registry.lock_timeout_s); retry when it has finished. A lease that is not renewed"
-                        f" is taken over after registry.lease_s ({current.lease_s:g} s)"
-                    )
-                on_wait(current, waited)
+                except Conflict:
+                    pass
+            current, etag = self._read()  # while it is held, one GET per poll
+            if current is None:
+                continue  # released meanwhile
+            now = time.monotonic()
+            if seen is None or seen[0] != etag:
+                seen = (etag, now)
+            elif now - seen[1] > max(current.lease_s, self.lease_s):
+                # Unchanged for a whole lease: its holder stopped renewing (killed, or cut off).
+                try:
+                    self._held(self.store.swap(self.path, self._body(), etag), time.monotonic())
+                except Conflict:
+                    seen = None  # renewed, released or taken by another waiter meanwhile
+                    continue
+                log.warning("registry lease %s: took over from %s, whose lease expired",
+                            self.store.url(self.path), current.holder)
+                return
+            waited = now - started
+            if waited >= timeout_s:
+                raise RegistryError(
+                    f"registry {self.store.url(self.path)} is locked by {current.holder} (waited {waited:.0f} s,"
+                    " registry.lock_timeout_s); retry when it has finished. A lease that is not renewed"
+                    f" is taken over after registry.lease_s ({current.lease_s:g} s)"
+                )
+            on_wait(current, waited)
             time.sleep(poll_s)
 
     def _held(self, etag: str | None, sent: float) -> None:

@@ -87,29 +87,35 @@ class Store:
         """What changes whenever the object is rewritten: the ETag on S3 (None on a local disk)."""
         if self.local:
             return None
-        info = self.fs.info(path, refresh=True) if self.s3 else self.fs.info(path)
-        for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "created"):
-            if info.get(key) is not None:
-                return str(info[key])
-        return str(info.get("size"))
+        return _tag_of(self.fs.info(path, refresh=True) if self.s3 else self.fs.info(path))
+
+    def entries(self, path: str) -> dict[str, str | None]:
+        """The names directly under ``path`` (files and folders) with their tags, in one listing;
+        empty if it does not exist."""
+        try:
+            listing = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for info in listing:
+            name = posixpath.basename(str(info["name"]).rstrip("/"))
+            if name:
+                out[name] = None if self.local or info.get("type") == "directory" else _tag_of(info)
+        return dict(sorted(out.items()))
 
     def names(self, path: str) -> list[str]:
-        """The names directly under ``path`` (files and folders), sorted; none if it does not exist."""
-        try:
-            entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted({posixpath.basename(str(p).rstrip("/")) for p in entries} - {""})
+        return list(self.entries(path))
 
     def numeric_dirs(self, path: str) -> list[int]:
-        return sorted(int(n) for n in self.names(path) if n.isdigit() and not n.startswith("0"))
+        return numbered(self.names(path))
 
-    def local_copy(self, path: str, cache: Path) -> Path:
+    def local_copy(self, path: str, cache: Path, tag: str | None = None) -> Path:
         """A local file with the object's bytes: the file itself on a local disk, else a download
-        cached under ``cache`` by the object's ETag (a rewritten object is downloaded again)."""
+        cached under ``cache`` by the object's ETag (``tag`` if the caller listed it; a rewritten
+        object is downloaded again)."""
         if self.local:
             return Path(path)
-        key = hashlib.sha256(f"{path}\0{self.tag(path)}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{path}\0{tag or self.tag(path)}".encode()).hexdigest()[:20]
         dest = cache / key / posixpath.basename(path)
         if not dest.is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +206,18 @@ class Store:
             return
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
+
+
+def numbered(names: list[str]) -> list[int]:
+    """The version numbers among folder names (``3``, not ``03`` or ``.staging-x``), sorted."""
+    return sorted(int(n) for n in names if n.isdigit() and not n.startswith("0"))
+
+
+def _tag_of(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return str(info.get("size"))
 
 
 def _etag(out: Any) -> str | None:
