@@ -20,7 +20,7 @@ import pytest
 
 from tasks.paths import Workspace
 
-from s3_server import S3Server
+from s3_server import S3_CLIENT, S3Server
 
 PROJECT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -130,6 +130,15 @@ class S3Bucket:
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.name}", *parts])
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix`` (key relative to it -> bytes), read with boto3, not with visionops."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **S3_CLIENT)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {key.removeprefix(prefix): client.get_object(Bucket=self.name, Key=key)["Body"].read() for key in keys}
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ DUMMY_CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials or a region
 }
+S3_CLIENT = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 _STARTUP_S = 60.0  # a cold start on a busy 2-core machine
 
 
@@ -95,14 +96,7 @@ class S3Server:
     def make_bucket(self, name: str) -> None:
         import boto3
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-        client.create_bucket(Bucket=name)
+        boto3.client("s3", endpoint_url=self.endpoint, **S3_CLIENT).create_bucket(Bucket=name)
 
 
 if __name__ == "__main__":

@@ -34,18 +34,6 @@ TESTS = Path(__file__).resolve().parent
 LEASE_S = 2.0  # short leases keep the takeover tests short; params.yaml's default is 30 s
 
 
-def s3_keys(bucket: S3Bucket, prefix: str) -> dict[str, bytes]:
-    """Every object under ``prefix`` (key relative to it -> bytes), read with boto3, not with visionops."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=bucket.endpoint)
-    listing = client.list_objects_v2(Bucket=bucket.name, Prefix=prefix).get("Contents", [])
-    return {
-        o["Key"].removeprefix(prefix): client.get_object(Bucket=bucket.name, Key=o["Key"])["Body"].read()
-        for o in listing
-    }
-
-
 def visionops(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run(["visionops", "--workspace", str(ws.root), *args], ws.root, check=check)
 
@@ -70,7 +58,7 @@ def test_promote_status_predict_rollback_on_s3_and_tritons_layout_in_the_bucket(
     assert visionops(ws, "predict", str(tmp_path / "eel.png")).stdout.split("\t")[1] == "eel"
 
     # Triton's layout, as it stands in the bucket (read with boto3)
-    objects = s3_keys(s3_bucket, "models/clf/")
+    objects = s3_bucket.objects("models/clf/")
     assert set(objects) == {
         *(f"{v}/{name}" for v in (1, 2) for name in ("model.onnx", "weights.pt", "card.json")),
         "labels-1.txt", "labels-2.txt", "config.pbtxt", "production.json",
@@ -83,7 +71,7 @@ def test_promote_status_predict_rollback_on_s3_and_tritons_layout_in_the_bucket(
 
     assert "production is now version 1; version 2 is withdrawn" in visionops(ws, "rollback").stdout
     config = model_config_pb2.ModelConfig()
-    text_format.Parse(s3_keys(s3_bucket, "models/clf/")["config.pbtxt"].decode(), config)
+    text_format.Parse(s3_bucket.objects("models/clf/")["config.pbtxt"].decode(), config)
     assert list(config.version_policy.specific.versions) == [1] and config.output[0].label_filename == "labels-1.txt"
     assert json.loads(visionops(ws, "status", "--json").stdout)["production"]["version"] == 1
     assert visionops(ws, "status", "--check").stdout.rstrip().endswith("integrity: ok")
@@ -202,13 +190,13 @@ def test_a_version_upload_killed_midway_is_never_production_nor_a_rollback_targe
     proc = subprocess.Popen(**stage_command("tasks.promote"), cwd=ws.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while "2/model.onnx" not in s3_keys(s3_bucket, "models/clf/") and proc.poll() is None:
+    while "2/model.onnx" not in s3_bucket.objects("models/clf/") and proc.poll() is None:
         assert time.monotonic() < deadline, "the upload never started"
         time.sleep(0.02)
     assert proc.poll() is None, "the promotion finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    left = s3_keys(s3_bucket, "models/clf/")
+    left = s3_bucket.objects("models/clf/")
     assert "2/model.onnx" in left and "2/card.json" not in left  # killed with version 2 half uploaded
 
     registry = Registry.open(ws, p.registry)
@@ -217,7 +205,7 @@ def test_a_version_upload_killed_midway_is_never_production_nor_a_rollback_targe
     assert [(v.version, v.state) for v in registry.audit().versions] == [(1, "production"), (2, "never activated")]
     with pytest.raises(RegistryError, match=r"version 2 .* was never production"):
         registry.rollback(to=2)  # after the dead holder's lease expired: the leftover is removed now
-    assert not [key for key in s3_keys(s3_bucket, "models/clf/") if key.startswith(("2/", "labels-2"))]
+    assert not [key for key in s3_bucket.objects("models/clf/") if key.startswith(("2/", "labels-2"))]
     assert [(e.event, e.version) for e in registry.events().events] == [("promote", 1), ("discard", 2)]
     decision = promote(p, ws)
     assert decision.promoted and decision.version == 3
