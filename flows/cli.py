@@ -214,7 +214,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"removed {path.name}: it did not exist when version {result.version} was built")
     rev = result.git_rev or "unknown"
     print(f"code: git revision {rev} (`git checkout {rev.removesuffix('-dirty')} -- tasks` for its code)")
-    print("now: dvc pull && dvc repro")
+    print("now: dvc pull data.dvc && dvc repro")
     return EXIT_OK
 
 

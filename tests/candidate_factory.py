@@ -350,10 +350,12 @@ def publish_pixel_reader(
     size: int = 4,
     accuracy: float = 0.5,
     profile: DataProfile | None = None,
+    weights_bytes: int = 0,
 ) -> int:
-    """Publish a pixel-reader model (files written under ``src``) as the next production version."""
+    """Publish a pixel-reader model (files written under ``src``) as the next production version;
+    its weights.pt says "weights of <src name>", followed by ``weights_bytes`` zero bytes."""
     pixel_reader_onnx(src / "model.onnx", len(classes), channels, size, read_channel)
-    (src / "weights.pt").write_bytes(f"weights of {src.name}".encode())
+    (src / "weights.pt").write_bytes(f"weights of {src.name}".encode() + bytes(weights_bytes))
     files = {"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}
     export = export_contract(src / "model.onnx", src / "weights.pt", classes, channels, size)
     with registry.lock():

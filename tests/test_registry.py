@@ -4,6 +4,7 @@ recovery, leftovers, withdrawn versions, the lock, and stores that cannot lock."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -328,3 +329,58 @@ def test_a_store_without_conditional_writes_is_refused_for_promotion_unless_opte
     assert local is not None
     assert local.read_bytes() == b"weights of candidate2" and local.is_relative_to(tmp_path / "cache")
     assert unlocked.rollback() == 1
+
+
+def _tmpfs_namespace() -> list[str] | None:
+    """How this machine lets a test mount a small tmpfs in a private mount namespace, or None."""
+    for args in (["unshare", "--mount", "--map-root-user"], ["unshare", "--mount"]):
+        probe = subprocess.run([*args, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+        if probe.returncode == 0:
+            return args
+    return None
+
+
+FULL_DISK = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from candidate_factory import publish_pixel_reader
+    from tasks.errors import RegistryError
+    from tasks.params import RegistryParams
+    from tasks.registry import Registry
+    mnt, out = Path(os.environ["MNT"]), Path(os.environ["OUT"])
+    registry = Registry(str(mnt / "registry"), RegistryParams("r", "clf", 16, 30.0, 5.0, True), out / "cache")
+    publish_pixel_reader(registry, out / "c1", 0)
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    (mnt / "ballast").write_bytes(bytes(free - (256 << 10)))  # 256 KiB left
+    result = {}
+    try:
+        publish_pixel_reader(registry, out / "c2", 1, weights_bytes=1 << 20)
+    except RegistryError as exc:
+        result["error"] = str(exc)
+    result["left"] = sorted(p.name for p in (mnt / "registry" / "clf").iterdir())
+    result["production"] = registry.production().version
+    (mnt / "ballast").unlink()
+    result["retry"] = publish_pixel_reader(registry, out / "c3", 1, weights_bytes=1 << 20)
+    (out / "result.json").write_text(json.dumps(result))
+""")
+
+
+@pytest.mark.integration
+def test_a_full_disk_while_publishing_leaves_production_and_no_partial_version(tmp_path: Path) -> None:
+    namespace = _tmpfs_namespace()
+    if namespace is None:
+        pytest.skip("no way to mount a small tmpfs here (needs root or user namespaces): not tested")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    script = 'mount -t tmpfs -o size=2m tmpfs "$MNT" && exec "$PYTHON" -c "$CODE" "$TESTS"'
+    env = {**os.environ, "MNT": str(mnt), "OUT": str(out), "PYTHON": sys.executable, "CODE": FULL_DISK,
+           "TESTS": str(PROJECT / "tests")}
+    proc = subprocess.run([*namespace, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert "No space left on device" in result["error"] and "production is unchanged" in result["error"]
+    assert result["production"] == 1
+    assert not [name for name in result["left"] if name.startswith(".staging-") or name in ("2", "labels-2.txt")]
+    assert result["retry"] in (2, 3)  # the space the failed attempt took was given back

@@ -503,7 +503,16 @@ class Registry:
                 f" publishing version {version} of {self.model_name} with {hashes}"
             )
         previous = self.events().production()
-        recorded = self._write_version(version, files, card)
+        try:
+            recorded = self._write_version(version, files, card)
+        except OSError as exc:  # a full disk, a lost connection: nothing points at the version yet
+            if self.store.local:
+                with contextlib.suppress(OSError, RegistryError):  # else the next locked operation does
+                    self._discard_leftovers(self.events().activated(), previous)
+            raise RegistryError(
+                f"writing version {version} into {self.location} failed ({exc}); production is unchanged"
+                " and the partial version is removed (on S3: by the next promote or rollback)"
+            ) from exc
         self._append(
             "promote", version, previous,
             files=recorded,
@@ -554,20 +563,25 @@ class Registry:
 
         staging = Path(self._p(f"{STAGING_PREFIX}{uuid.uuid4().hex}"))
         staging.mkdir(parents=True)
-        for name, src in files.items():
-            shutil.copyfile(src, staging / name)
-        (staging / CARD).write_bytes(card_bytes)
-        for f in staging.iterdir():
-            f.chmod(0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        staging.chmod(0o755)
-        fsync_dir(staging)
+        try:
+            for name, src in files.items():
+                shutil.copyfile(src, staging / name)
+            (staging / CARD).write_bytes(card_bytes)
+            for f in staging.iterdir():
+                f.chmod(0o644)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            staging.chmod(0o755)
+            fsync_dir(staging)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             os.rename(staging, self._p(str(version)))  # atomic: the folder appears whole
         except OSError as exc:  # the number exists already (ENOTEMPTY/EEXIST)
-            shutil.rmtree(staging, ignore_errors=True)
             raise Conflict(f"{self._p(str(version))} exists") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         fsync_dir(Path(self._p()))
 
     def _point_at(self, version: int, card: Card) -> None:
