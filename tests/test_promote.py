@@ -212,13 +212,19 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     assert after is not None and after.card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
 
 
-def test_a_rolled_back_model_is_refused_naming_its_version_until_readmitted(tmp_path: Path) -> None:
+def _first_promotion(tmp_path: Path) -> tuple[Workspace, params_mod.Params, Path]:
+    """Version 1 (reads channel 0, 30 of 60 right) in a registry under ``tmp_path``."""
     registry_dir = tmp_path / "registry"
     ws = make_ws(tmp_path / "ws", registry_dir)
     nested_split(ws, right=(30, 60, 30))
     p = params_mod.load(ws.params_file)
     pixel_reader_candidate(ws, read_channel=0)
     promote(p, ws)
+    return ws, p, registry_dir
+
+
+def test_a_rolled_back_model_is_refused_naming_its_version_until_readmitted(tmp_path: Path) -> None:
+    ws, p, registry_dir = _first_promotion(tmp_path)
     pixel_reader_candidate(ws, read_channel=1)
     assert promote(p, ws).version == 2
     registry = Registry.open(ws, p.registry)
@@ -238,12 +244,7 @@ def test_a_rolled_back_model_is_refused_naming_its_version_until_readmitted(tmp_
 
 
 def test_a_corrupt_production_model_stops_promotion_with_a_named_error(tmp_path: Path) -> None:
-    registry_dir = tmp_path / "registry"
-    ws = make_ws(tmp_path / "ws", registry_dir)
-    nested_split(ws, right=(30, 60, 30))
-    p = params_mod.load(ws.params_file)
-    pixel_reader_candidate(ws, read_channel=0)
-    promote(p, ws)
+    ws, p, registry_dir = _first_promotion(tmp_path)
     model = registry_dir / "clf" / "1" / "model.onnx"
     data = bytearray(model.read_bytes())
     data[-5] ^= 0x10  # a flipped bit: a baseline that scores differently, or not at all

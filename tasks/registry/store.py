@@ -15,6 +15,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,27 +129,28 @@ class Store:
         return dest
 
     # writing
+    @contextlib.contextmanager
+    def _if_absent(self, path: str) -> Iterator[None]:
+        """Turn the store's "it already exists" into `Conflict`."""
+        try:
+            yield
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise Conflict(f"{self.url(path)} already exists") from exc
+            raise
+
     def create(self, path: str, data: bytes) -> str | None:
         """Write ``path`` only if it does not exist (`Conflict` otherwise); its new tag."""
-        try:
+        with self._if_absent(path):
             if self.local:
                 create_exclusive_bytes(Path(path), data)
                 return None
-            out = self.fs.pipe_file(path, data, mode="create")
-        except OSError as exc:
-            if _precondition_failed(exc):
-                raise Conflict(f"{self.url(path)} already exists") from exc
-            raise
-        return _etag(out)
+            return _etag(self.fs.pipe_file(path, data, mode="create"))
 
     def upload_new(self, src: Path, path: str) -> None:
         """Upload the local file ``src`` to ``path`` only if nothing is there (`Conflict` otherwise)."""
-        try:
+        with self._if_absent(path):
             self.fs.put_file(str(src), path, mode="create")
-        except OSError as exc:
-            if _precondition_failed(exc):
-                raise Conflict(f"{self.url(path)} already exists") from exc
-            raise
 
     def swap(self, path: str, data: bytes, expected: str | None) -> str | None:
         """Replace ``path`` atomically; on S3 only if its ETag is still ``expected`` (None: only if
