@@ -22,7 +22,9 @@ from tasks.errors import RegistryError
 from tasks.fs.hashing import file_digest
 from tasks.params import ConfigError, RegistryParams
 from tasks.registry import CONFIG, HISTORY, MARKER, IntegrityError, Registry
+from tasks.registry.lease import probe_conditional_writes
 from tasks.registry.status import RegistryStatus
+from tasks.registry.store import Store
 from tasks.registry.triton import labels_file
 
 from candidate_factory import (
@@ -312,6 +314,15 @@ def test_lock_serialises_processes(registry: Registry, tmp_path: Path) -> None:
         assert acquired_at >= float(holder.stdout.readline()), "got the lock while another process held it"
     finally:
         holder.wait(timeout=30)
+
+
+def test_the_probe_finds_a_store_whose_compare_and_swap_does_not_hold(tmp_path: Path) -> None:
+    store = Store(f"memory://visionops-{tmp_path.name}")
+    # fsspec's memory store refuses a second create, but a swap against a wrong ETag goes through.
+    assert probe_conditional_writes(store, store.path("probe")) == (
+        "a compare-and-swap (If-Match) against a wrong ETag succeeded"
+    )
+    assert not store.exists(store.path("probe"))
 
 
 def test_a_store_without_conditional_writes_is_refused_for_promotion_unless_opted_out(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from tasks.errors import RegistryError
 from tasks.paths import Workspace
 from tasks.promote import promote
 from tasks.registry import Registry
+from tasks.registry.lease import probe_conditional_writes
+from tasks.registry.store import Store
 
 from candidate_factory import CLASSES3, make_ws, nested_split, pixel_reader_candidate, stage_command
 from conftest import S3Bucket, run
@@ -32,6 +34,12 @@ from conftest import S3Bucket, run
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parent
 LEASE_S = 2.0  # short leases keep the takeover tests short; params.yaml's default is 30 s
+
+
+def test_the_s3_server_passes_the_conditional_write_probe(s3_bucket: S3Bucket) -> None:
+    store = Store(s3_bucket.url())
+    assert probe_conditional_writes(store, store.path("probe")) is None
+    assert s3_bucket.objects("") == {}
 
 
 def visionops(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -77,6 +85,7 @@ def test_promote_status_predict_rollback_on_s3_and_tritons_layout_in_the_bucket(
     assert visionops(ws, "status", "--check").stdout.rstrip().endswith("integrity: ok")
     refused = visionops(ws, "promote", check=False)  # version 2's model again: withdrawn
     assert refused.returncode == 3 and "it is withdrawn version 2" in refused.stdout + refused.stderr
+    assert "promoted as version 3" in visionops(ws, "promote", "--readmit").stdout
 
 
 @pytest.mark.slow
@@ -141,6 +150,8 @@ HOLDER = textwrap.dedent("""
     from pathlib import Path
     from tasks.params import RegistryParams
     from tasks.registry import Registry
+from tasks.registry.lease import probe_conditional_writes
+from tasks.registry.store import Store
     registry = Registry(sys.argv[1], RegistryParams("r", "clf", 16, 60.0, float(sys.argv[2]), True), Path(sys.argv[3]))
     with registry.lock():
         print("locked", flush=True)
