@@ -21,27 +21,34 @@ never production nor a rollback target, and the next locked operation removes it
 from __future__ import annotations
 
 import contextlib
-import getpass
-import hashlib
 import json
 import logging
-import os
 import shutil
 import socket
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.blessing.evidence import Card
 from tasks.errors import RegistryError
-from tasks.fs.flock import LockTimeout, acquire_exclusive
 from tasks.fs.hashing import file_digest
 from tasks.fs.records import RecordError, utc_now
-from tasks.params import ConfigError, RegistryParams
+from tasks.params import RegistryParams
 from tasks.paths import Workspace
 from tasks.registry.history import ACTIVATIONS, EventKind, Events, History, HistoryEvent
-from tasks.registry.lease import Lease, LeaseBody, probe_conditional_writes
+from tasks.registry.layout import (
+    CARD,
+    CONFIG,
+    HISTORY,
+    MARKER,
+    MODEL_FILE,
+    PROBE_PREFIX,
+    STAGING_PREFIX,
+    VERSION_FILES,
+    WEIGHTS_FILE,
+)
+from tasks.registry.lease import Lease
+from tasks.registry.locking import registry_lock, user
 from tasks.registry.status import (
     ProductionMarker,
     ProductionStatus,
@@ -52,23 +59,9 @@ from tasks.registry.status import (
 )
 from tasks.registry.store import Conflict, Store, numbered
 from tasks.registry.triton import Pin, config_pbtxt, labelled_versions, labels_bytes, labels_file, pinned
+from tasks.registry.upload import write_version
 
 log = logging.getLogger(__name__)
-
-CONFIG = "config.pbtxt"
-HISTORY = "history"
-MARKER = "production.json"
-LOCK = ".lock"
-CARD = "card.json"
-MODEL_FILE = "model.onnx"
-WEIGHTS_FILE = "weights.pt"
-VERSION_FILES = (MODEL_FILE, WEIGHTS_FILE, CARD)
-STAGING_PREFIX = ".staging-"  # Triton ignores non-numeric subfolders of a model
-PROBE_PREFIX = ".probe-"
-_LOCK_POLL_S = 0.2
-_WAIT_LOG_EVERY_S = 30.0
-_PROBED: dict[str, str | None] = {}  # registry location -> why it cannot lock (None: it can), this process
-
 
 class IntegrityError(RegistryError):
     """A file of a registry version is missing or differs from the sha256 recorded when it was published."""
@@ -80,17 +73,6 @@ class ProductionInfo:
     model_path: str  # local path or fsspec URL of <N>/model.onnx
     card: Card
     files: dict[str, str]  # every file of the version (relative to the model folder) -> sha256, verified
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        return f"uid{os.getuid()}"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class Registry:
@@ -335,89 +317,19 @@ class Registry:
         """Exclusive: promotions and rollbacks elsewhere wait (registry.lock_timeout_s)."""
         if self._locked:
             raise AssertionError("registry lock is not re-entrant")
-        if self.store.local:
-            acquire = self._lock_local
-        elif self.store.conditional_writes:
-            acquire = self._lock_lease
-        else:
-            acquire = self._unlocked
-        with acquire():
-            self._locked, self._verified = True, {}
+        with registry_lock(self.store, self._p(), self.params) as lease:
+            self._locked, self._lease, self._verified = True, lease, {}
             self._forget()
             try:
                 self._recover()
                 yield
             finally:
-                self._locked = False
+                self._locked, self._lease = False, None
                 self._forget()
 
     def _forget(self) -> None:
         """Drop what was cached about the store (after this process wrote to it, or left the lock)."""
         self._events, self._listing, self._pinned, self._marker = None, None, None, None
-
-    def _lock_local(self) -> contextlib.AbstractContextManager[None]:
-        @contextlib.contextmanager
-        def held() -> Iterator[None]:
-            Path(self._p()).mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._p(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-
-            def report(waited: float) -> None:
-                if waited < _LOCK_POLL_S:
-                    log.info("waiting for another promotion or rollback to release %s", self._p(LOCK))
-
-            try:
-                try:
-                    acquire_exclusive(fd, self.params.lock_timeout_s, _LOCK_POLL_S, report)
-                except LockTimeout as exc:
-                    raise RegistryError(
-                        f"registry {self.location} is locked by another promotion or rollback (waited"
-                        f" {exc.waited_s:.0f} s, registry.lock_timeout_s); retry when it has finished"
-                    ) from None
-                yield
-            finally:
-                os.close(fd)  # closing releases the flock
-
-        return held()
-
-    def _lock_lease(self) -> contextlib.AbstractContextManager[None]:
-        if self.location not in _PROBED:  # once per process: four requests
-            _PROBED[self.location] = probe_conditional_writes(self.store, self._p(f"{PROBE_PREFIX}{uuid.uuid4().hex}"))
-        problem = _PROBED[self.location]
-        if problem is not None:
-            return self._unlocked(problem)
-
-        @contextlib.contextmanager
-        def held() -> Iterator[None]:
-            holder = f"{_user()}@{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
-            lease = Lease(self.store, self._p(LOCK), self.params.lease_s, holder)
-            last_report = [-_WAIT_LOG_EVERY_S]
-            lease_url = self.store.url(self._p(LOCK))
-
-            def report(current: LeaseBody, waited: float) -> None:
-                if waited - last_report[0] >= _WAIT_LOG_EVERY_S:
-                    last_report[0] = waited
-                    log.info("waiting for the registry lease %s held by %s", lease_url, current.holder)
-
-            lease.acquire(self.params.lock_timeout_s, _LOCK_POLL_S, report)
-            self._lease = lease
-            try:
-                yield
-            finally:
-                self._lease = None
-                lease.release()
-
-        return held()
-
-    def _unlocked(self, why: str = "") -> contextlib.AbstractContextManager[None]:
-        why = why or f"fsspec's {self.store.fs.protocol} store has no conditional writes visionops can use"
-        if self.params.require_conditional_writes:
-            raise ConfigError(
-                f"registry {self.location} cannot be locked ({why}), so two promotions at once could both"
-                " change production: use a local folder or an S3 store with conditional writes, or set"
-                " registry.require_conditional_writes: false to promote unlocked"
-            )
-        log.warning("registry %s is NOT locked (%s; registry.require_conditional_writes is false)", self.location, why)
-        return contextlib.nullcontext()
 
     def _require_lock(self) -> None:
         if not self._locked:
@@ -437,7 +349,7 @@ class Registry:
             version=version,
             previous=previous,
             at=utc_now(),
-            by=f"{_user()}@{socket.gethostname()}",
+            by=f"{user()}@{socket.gethostname()}",
             **fields,  # type: ignore[arg-type]
         )
         self._fence()
@@ -503,8 +415,9 @@ class Registry:
                 f" publishing version {version} of {self.model_name} with {hashes}"
             )
         previous = self.events().production()
+        card_bytes = (json.dumps(card.to_json(), indent=2) + "\n").encode()
         try:
-            recorded = self._write_version(version, files, card)
+            recorded = write_version(self.store, self._p(), version, files, card_bytes, labels_bytes(card.classes))
         except OSError as exc:  # a full disk, a lost connection: nothing points at the version yet
             if self.store.local:
                 with contextlib.suppress(OSError, RegistryError):  # else the next locked operation does
@@ -513,6 +426,8 @@ class Registry:
                 f"writing version {version} into {self.location} failed ({exc}); production is unchanged"
                 " and the partial version is removed (on S3: by the next promote or rollback)"
             ) from exc
+        finally:
+            self._listing = None
         self._append(
             "promote", version, previous,
             files=recorded,
@@ -525,64 +440,6 @@ class Registry:
         self._point_at(version, card)
         log.info("production of %s is now version %d (%s)", self.model_name, version, self.location)
         return version
-
-    def _write_version(self, version: int, files: Mapping[str, Path], card: Card) -> dict[str, str]:
-        """Write the version's files and its labels, then check each one's sha256 where it landed."""
-        card_bytes = (json.dumps(card.to_json(), indent=2) + "\n").encode()
-        labels = labels_bytes(card.classes)
-        expected = {f"{version}/{name}": file_digest(src) for name, src in files.items()}
-        expected[f"{version}/{CARD}"] = _sha256(card_bytes)
-        expected[labels_file(version)] = _sha256(labels)
-        try:
-            if self.store.local:
-                self._write_version_local(version, files, card_bytes)
-            else:
-                for name, src in files.items():
-                    self.store.upload_new(src, self._p(str(version), name))
-                self.store.create(self._p(str(version), CARD), card_bytes)
-            self.store.create(self._p(labels_file(version)), labels)
-        except Conflict as exc:
-            raise RegistryError(
-                f"version {version} of {self.location} is being written by another process ({exc}): this one's"
-                " lease expired or was taken over; retry"
-            ) from None
-        finally:
-            self._listing = None
-        for name, sha in expected.items():  # S3 has no rename: check what arrived before the pointer moves
-            path = self._p(name)
-            actual = file_digest(Path(path)) if self.store.local else _sha256(self.store.read_tagged(path)[0])
-            if actual != sha:
-                raise RegistryError(
-                    f"{self.store.url(self._p(name))} did not arrive intact (sha256 {actual[:12]}... instead of"
-                    f" {sha[:12]}...); version {version} was not activated and the next promotion removes it"
-                )
-        return expected
-
-    def _write_version_local(self, version: int, files: Mapping[str, Path], card_bytes: bytes) -> None:
-        from tasks.fs.atomic import fsync_dir
-
-        staging = Path(self._p(f"{STAGING_PREFIX}{uuid.uuid4().hex}"))
-        staging.mkdir(parents=True)
-        try:
-            for name, src in files.items():
-                shutil.copyfile(src, staging / name)
-            (staging / CARD).write_bytes(card_bytes)
-            for f in staging.iterdir():
-                f.chmod(0o644)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            staging.chmod(0o755)
-            fsync_dir(staging)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        try:
-            os.rename(staging, self._p(str(version)))  # atomic: the folder appears whole
-        except OSError as exc:  # the number exists already (ENOTEMPTY/EEXIST)
-            raise Conflict(f"{self._p(str(version))} exists") from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        fsync_dir(Path(self._p()))
 
     def _point_at(self, version: int, card: Card) -> None:
         """Move config.pbtxt to ``version`` and its labels in one atomic write, fenced; then the marker."""
