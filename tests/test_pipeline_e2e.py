@@ -29,6 +29,7 @@ from flows.artifacts import (
 from flows.cli import main
 from tasks import params as params_module
 from tasks.paths import Workspace
+from tasks.registry import Registry
 
 from conftest import copy_workspace, file_tree, run
 from prefect_queries import artifact_keys, task_runs
@@ -159,17 +160,19 @@ def test_reproduce_in_a_fresh_clone_rebuilds_version_1_with_the_same_weights(
     from tasks.training.candidate import load_candidate
 
     ws = quickstart.ws
-    # Commit version 1's workspace, then move on: other settings, a new data version, and the
-    # registry named by an absolute path, as a registry shared between clones is.
-    run(["git", "add", "-A"], ws.root)
-    run(["git", "commit", "-qm", "as version 1 was built"], ws.root)
-    built = {name: (ws.root / name).read_bytes() for name in ("params.yaml", "dvc.lock", "data.dvc")}
-    params_module.write_overrides(ws.params_file, {
+    # The workspace moves on: other settings, a new data version, and the registry named by an
+    # absolute path, as a registry shared between clones is; all of it committed.
+    params = params_module.write_overrides(ws.params_file, {
         "train.seed": 7, "data.seed": 3, "registry.uri": str(ws.root / "registry"),
     })
     assert main(["--workspace", str(ws.root), "ingest"]) == 0  # a second data version, pushed
-    run(["git", "commit", "-qam", "other settings and data"], ws.root)
-    assert (ws.root / "data.dvc").read_bytes() != built["data.dvc"]
+    run(["git", "add", "-A"], ws.root)
+    run(["git", "commit", "-qm", "other settings and data"], ws.root)
+    card = Registry.open(ws, params.registry).card(1)
+    assert card.built_from is not None
+    built = {name: text.encode() for name, text in card.built_from.texts().items() if text is not None}
+    assert set(built) == {"params.yaml", "dvc.lock", "data.dvc"}
+    assert all((ws.root / name).read_bytes() != data for name, data in built.items())
 
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(ws.root), str(clone)], tmp_path)

@@ -63,6 +63,7 @@ from tasks.registry.upload import write_version
 
 log = logging.getLogger(__name__)
 
+
 class IntegrityError(RegistryError):
     """A file of a registry version is missing or differs from the sha256 recorded when it was published."""
 
