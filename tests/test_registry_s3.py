@@ -16,20 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tasks import params as params_mod
 from tasks.data.imaging import encode_png
 from tasks.errors import RegistryError
+from tasks.params import RegistryParams
 from tasks.paths import Workspace
 from tasks.promote import promote
 from tasks.registry import Registry
 from tasks.registry.lease import probe_conditional_writes
 from tasks.registry.store import Store
 
-from candidate_factory import CLASSES3, make_ws, nested_split, pixel_reader_candidate, stage_command
-from conftest import S3Bucket, run
+from candidate_factory import (
+    CLASSES3,
+    make_ws,
+    nested_split,
+    pixel_reader_candidate,
+    publish_pixel_reader,
+    stage_command,
+)
+from conftest import PROJECT, S3Bucket, run
 
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parent
@@ -220,3 +229,27 @@ def test_a_version_upload_killed_midway_is_never_production_nor_a_rollback_targe
     assert [(e.event, e.version) for e in registry.events().events] == [("promote", 1), ("discard", 2)]
     decision = promote(p, ws)
     assert decision.promoted and decision.version == 3
+
+
+def test_dvc_sees_a_promotion_on_s3_through_validates_dependency_on_production(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    validate = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["validate"]
+    (dependency,) = [d for d in validate["deps"] if "${registry.uri}" in d]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    uri = s3_bucket.url("models")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"registry": {"uri": uri, "model_name": "clf"}}))
+    stage = {"cmd": "date > checked.txt", "deps": [dependency], "params": ["registry.uri", "registry.model_name"],
+             "outs": ["checked.txt"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"drift": stage}}))
+    registry = Registry(uri, RegistryParams(uri, "clf", 16, 30.0, 5.0, True), tmp_path)
+    registry.ensure_marker()  # as `visionops ingest` and the flow do before the first `dvc repro`
+    assert "Running stage 'drift'" in run(["dvc", "repro"], repo).stdout
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    publish_pixel_reader(registry, tmp_path / "candidate", read_channel=0)
+    changed = run(["dvc", "status"], repo).stdout
+    assert f"modified:           {uri}/clf/production.json" in changed, changed
+    assert "Running stage 'drift'" in run(["dvc", "repro"], repo).stdout
