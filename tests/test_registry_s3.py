@@ -159,8 +159,6 @@ HOLDER = textwrap.dedent("""
     from pathlib import Path
     from tasks.params import RegistryParams
     from tasks.registry import Registry
-from tasks.registry.lease import probe_conditional_writes
-from tasks.registry.store import Store
     registry = Registry(sys.argv[1], RegistryParams("r", "clf", 16, 60.0, float(sys.argv[2]), True), Path(sys.argv[3]))
     with registry.lock():
         print("locked", flush=True)
