@@ -35,7 +35,7 @@ def _umask() -> int:
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make the entries of ``folder`` (created, renamed, removed files) durable."""
+    """Make the entries of ``folder`` (a rename, a link, a removal inside it) durable, not just the files."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -51,9 +51,8 @@ def durable_replace(src: Path, dst: Path) -> None:
         fsync_dir(Path(src).parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
+def _durable_temp(path: Path, data: bytes) -> str:
+    """A temporary file next to ``path`` holding ``data``, flushed to disk; its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -62,6 +61,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path`` (durably)."""
+    path = Path(path)
+    tmp = _durable_temp(path, data)
+    try:
         durable_replace(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,6 +84,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def create_exclusive_bytes(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` only if it does not exist yet (``FileExistsError`` if it does).
+
+    The bytes go to a temporary file first and are hard-linked into place: a reader never sees a
+    partial file, and of two writers racing for the same name exactly one wins (link is atomic).
+    """
+    path = Path(path)
+    tmp = _durable_temp(path, data)
+    try:
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def fsync_tree(folder: Path) -> None:
