@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import raw, swap
+from tasks.data import raw, swap, versioning
 from tasks.data.versioning import VersionIncomplete
 from tasks.errors import DataError, RuntimeUnavailable
 from tasks.ingest import STAGING_PREFIX, ingest
@@ -258,6 +258,17 @@ def test_a_truncated_cache_object_is_caught_although_dvc_add_exits_0(workspace: 
     assert not _bad_cache_objects(workspace), "the truncated object is deleted"
     ingest(_params(), workspace)  # so the next ingest writes it again
     assert not _bad_cache_objects(workspace) and _snapshot(workspace) == before
+
+
+@pytest.mark.integration
+def test_the_cache_check_never_deletes_a_valid_object_of_another_version(workspace: Workspace) -> None:
+    ingest(_params(), workspace)
+    objects = {p: p.read_bytes() for p in (workspace.root / ".dvc" / "cache").rglob("*") if p.is_file()}
+    shard = workspace.data / "train-00000.parquet"
+    shard.chmod(0o644)
+    shard.write_bytes(shard.read_bytes()[:100])  # data/ no longer matches the version data.dvc names
+    versioning.drop_truncated(workspace, workspace.data_dvc)  # as after a failed `dvc add`
+    assert {p: p.read_bytes() for p in objects if p.exists()} == objects
 
 
 # issue 10, item 3: bounded memory on a decompression bomb

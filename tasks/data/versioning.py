@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from tasks.errors import DataError, RuntimeUnavailable
+from tasks.fs.hashing import file_digest
 from tasks.paths import Workspace
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,20 @@ def _problems(odb: Any, files: list[VersionFile], md5: str) -> list[tuple[Versio
     return problems
 
 
+def _drop_corrupt(problems: list[tuple[VersionFile | None, str, str]]) -> None:
+    """Delete the cache objects among ``problems`` whose bytes do not hash to their md5 name. A size
+    that differs from data/ alone proves nothing: data/ may hold another version than the one named."""
+    for file, path, _what in problems:
+        if file is not None and Path(path).is_file() and file_digest(Path(path), "md5") != file.md5:
+            Path(path).unlink()
+
+
 def verify(ws: Workspace, dvc_file: Path, where: Literal["cache", "remote"]) -> int:
     """Check that the DVC cache (or the default remote) holds every file of the version ``dvc_file``
     names, by object name and size; the number of files checked, or :class:`VersionIncomplete`.
 
-    Truncated objects found in the local cache are deleted, so that the next ``dvc add`` writes
-    them again instead of trusting their names.
+    Objects in the local cache whose bytes do not hash to their name (what a full disk leaves) are
+    deleted, so that the next ``dvc add`` writes them again instead of trusting their names.
     """
     md5 = tracked_md5(dvc_file)
     if md5 is None or not md5.endswith(".dir"):
@@ -122,9 +131,7 @@ def verify(ws: Workspace, dvc_file: Path, where: Literal["cache", "remote"]) -> 
         problems = _problems(odb, files, md5)
         location = odb.path
         if where == "cache":
-            for _file, path, _what in problems:
-                if _what.startswith("truncated"):
-                    Path(path).unlink(missing_ok=True)
+            _drop_corrupt(problems)
     if problems:
         file, path, what = problems[0]
         name = f"data/{file.relpath}" if file is not None else "the version's .dir manifest"
