@@ -382,3 +382,35 @@ def test_class_names_with_separators_or_control_characters_are_refused(tmp_path:
     write_class_folders(tmp_path / "ds", {"ok": 2, name: 2})
     with pytest.raises(DataError, match=rf"class name {re.escape(repr(name))} contains a path separator"):
         _load(tmp_path / "ds")
+
+
+def _damaged(data: bytes, damage: str) -> bytes:
+    middle = len(data) // 2
+    if damage == "truncated":
+        return data[:middle]
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+@pytest.mark.parametrize("suffix", ["tar.gz", "tar.bz2", "tar.xz"])
+def test_a_damaged_compressed_tar_is_named_not_a_traceback_or_a_shorter_dataset(
+    tmp_path: Path, suffix: str, damage: str
+) -> None:
+    # tarfile ends an archive silently at a damaged header; the codec's checksum must still be read.
+    write_class_folders(tmp_path / "ds", {"a": 20, "b": 20}, size=(32, 32))
+    archive = tmp_path / f"ds.{suffix}"
+    with tarfile.open(archive, f"w:{suffix.split('.')[1]}") as tar:
+        tar.add(tmp_path / "ds", arcname="ds")
+    archive.write_bytes(_damaged(archive.read_bytes(), damage))
+    with pytest.raises(DataError, match=rf"ds\.{suffix.replace('.', '[.]')}: (not a readable|damaged) tar archive"):
+        collect(_load(archive))
+
+
+def test_a_tar_ends_cleanly_after_its_zero_blocks(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "ds", {"a": 3, "b": 3}, size=(16, 16))
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "ds", arcname="ds")
+    counts = _counts(_load(archive))
+    assert counts == _counts(_load(tmp_path / "ds"))
+    assert sum(n for per_class in counts.values() for n in per_class.values()) == 6

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
 import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,6 +45,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 ZIP_SUFFIXES = (".zip",)
 MAX_REPORTED_IGNORED = 20  # ignored files named in source.json; the rest are only counted
 RATIO_FLOOR_BYTES = 8 << 20  # a compression ratio means something only after this many expanded bytes
+# What a damaged archive raises while it is decompressed (gzip, bz2 and xz inside tar; deflate in zip).
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -199,8 +203,27 @@ class _Tar:
                 while (member := tar.next()) is not None:
                     cast(Any, tar).members.clear()  # tarfile keeps every header it has seen; we never look back
                     yield tar, member, raw
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+                self._check_end(tar, raw)
+        except ARCHIVE_ERRORS as exc:
             raise DataError(f"{self.archive}: not a readable tar archive: {exc}") from exc
+
+    def _check_end(self, tar: tarfile.TarFile, raw: IO[bytes]) -> None:
+        """Read what follows the last header to the end of the stream.
+
+        tarfile ends the archive silently at the first damaged header, and gzip, bz2 and xz check
+        their checksums only at the end of the stream: a damaged archive would otherwise pass as a
+        shorter dataset. After the end marker a tar holds only zero blocks.
+        """
+        stream = cast(IO[bytes], tar.fileobj)
+        expanded = tar.offset
+        while chunk := stream.read(CHUNK):
+            expanded += len(chunk)
+            if chunk.count(0) != len(chunk):
+                raise DataError(
+                    f"{self.archive}: damaged tar archive: data after what reads as its end"
+                    f" (at byte {expanded - len(chunk):,} of the expanded stream); recreate the archive"
+                )
+            self.bounds.ratio(expanded, raw.tell(), "the end of the archive")
 
     def list(self) -> Listing:
         listing = Listing()
@@ -231,7 +254,11 @@ class _Tar:
                 continue
             handle = tar.extractfile(member)
             assert handle is not None  # a regular file always has a payload
-            yield rel, _read_bounded(handle, limit, f"{self.archive}: {member.name}")
+            try:
+                data = _read_bounded(handle, limit, f"{self.archive}: {member.name}")
+            except ARCHIVE_ERRORS as exc:
+                raise DataError(f"{self.archive}: member {member.name!r} is unreadable: {exc}") from exc
+            yield rel, data
 
 
 class _Zip:
@@ -244,7 +271,7 @@ class _Zip:
     def _open(self) -> zipfile.ZipFile:
         try:
             return zipfile.ZipFile(self.archive)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except ARCHIVE_ERRORS as exc:
             raise DataError(f"{self.archive}: not a readable zip archive: {exc}") from exc
 
     def list(self) -> Listing:
@@ -280,7 +307,7 @@ class _Zip:
                 try:
                     with zf.open(info) as fh:
                         data = _read_bounded(fh, min(limit, info.file_size), f"{self.archive}: {info.filename}")
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                except ARCHIVE_ERRORS as exc:
                     raise DataError(f"{self.archive}: member {info.filename!r} is unreadable: {exc}") from exc
                 yield rel, data
 
