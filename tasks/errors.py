@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 import sys
 
 
@@ -46,6 +48,7 @@ _STORAGE_ADVICE = {
     errno.ENOSPC: "free space on that disk (`df -h`) and run it again",
     errno.EDQUOT: "the disk quota is used up: free space and run it again",
     errno.EROFS: "that file system is read-only",
+    errno.EFBIG: "a file grew past this process's file size limit (`ulimit -f`) or the file system's",
     errno.EACCES: "check the permissions of that path",
     errno.EPERM: "check the permissions of that path",
     errno.EEXIST: "a file stands where a folder should be: move it away",
@@ -71,9 +74,22 @@ def user_error(exc: BaseException, where: str) -> VisionopsError | None:
     return None
 
 
+_ARROW_ERRNO = re.compile(r"\[errno (\d+)\]")
+
+
+def os_error_code(exc: OSError) -> int | None:
+    """The errno of ``exc``; Arrow's I/O errors carry it only in their message ("[errno 28] ...")."""
+    if exc.errno is not None:
+        return exc.errno
+    found = _ARROW_ERRNO.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
 def storage_error(exc: OSError, path: object) -> StorageError:
     """A :class:`StorageError` for ``exc``, naming the file it names, else ``path`` (where it was working)."""
     where = exc.filename if exc.filename is not None else path
-    doing = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "read or write"
-    advice = _STORAGE_ADVICE.get(exc.errno or 0, "check that disk and run it again")
-    return StorageError(f"cannot {doing} {where}: {exc.strerror or exc}; {advice}")
+    code = os_error_code(exc)
+    doing = "write" if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "read or write"
+    advice = _STORAGE_ADVICE.get(code or 0, "check that disk and run it again")
+    reason = exc.strerror or (os.strerror(code) if code is not None else str(exc))
+    return StorageError(f"cannot {doing} {where}: {reason}; {advice}")

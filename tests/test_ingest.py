@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def _bad_cache_objects(ws: Workspace) -> list[str]:
 def test_a_full_disk_is_one_error_line_and_the_previous_version_stays(workspace: Workspace, tmp_path: Path) -> None:
     how = _mount_namespace_available()
     if how is None:
-        pytest.skip("no way to mount a small tmpfs here (needs root or user namespaces): not tested")
+        pytest.skip("no way to mount a small tmpfs here (needs root or user namespaces): a full disk is not"
+                    " tested; test_a_write_over_the_file_size_limit_... covers the same failure path")
     write_class_folders(tmp_path / "small", {"a": 12, "b": 12}, size=(16, 16))
     ingest(_params(), workspace, source=str(tmp_path / "small"))
     before = _snapshot(workspace)
@@ -240,6 +242,34 @@ def test_a_full_disk_is_one_error_line_and_the_previous_version_stays(workspace:
     assert _snapshot(result) == before, "data/ and data.dvc are the previous version"
     assert not _work_folders(result)
     assert not _bad_cache_objects(result), "truncated cache objects were left for a retry to trust"
+
+
+def _limit_file_size(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+
+
+@pytest.mark.integration
+def test_a_write_over_the_file_size_limit_is_one_error_line_and_the_previous_version_stays(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    # Runs where no tmpfs can be mounted: a write refused mid-file (EFBIG instead of ENOSPC) takes
+    # the same path as a full disk, from the shard writer to the one error line and the rollback.
+    write_class_folders(tmp_path / "small", {"a": 12, "b": 12}, size=(16, 16))
+    ingest(_params(), workspace, source=str(tmp_path / "small"))
+    before = _snapshot(workspace)
+    big = write_class_folders(tmp_path / "big", {"a": 60, "b": 60}, size=(96, 96))  # random PNGs: ~3.3 MB
+    assert sum(p.stat().st_size for p in big) > 2 << 20
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.ingest", "--source", str(tmp_path / "big")], cwd=workspace.root,
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: _limit_file_size(1 << 20),
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("visionops: error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    # the shard being written is named, with what happened and what to do
+    assert f"cannot write {workspace.staging}/" in errors[0] and "train-00000.parquet: File too large;" in errors[0]
+    assert "ulimit -f" in errors[0], errors
+    assert _snapshot(workspace) == before, "data/ and data.dvc are the previous version"
+    assert not _work_folders(workspace)
 
 
 @pytest.mark.integration

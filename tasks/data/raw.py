@@ -9,6 +9,7 @@ per image.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import DataError
+from tasks.errors import DataError, os_error_code
 from tasks.paths import SPLITS
 
 COLUMNS = ("path", "class_name", "image")
@@ -111,8 +112,15 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._paths:
             return
+        try:
+            self._write_group()
+        except OSError as exc:
+            raise _naming(exc, self.shards[-1]) from exc
+
+    def _write_group(self) -> None:
         if self._writer is None:
             path = self.folder / SHARD_PATTERN.format(split=self.split, index=len(self.shards))
+            self.shards.append(path)
             # Encoded images are already compressed; compressing them again only costs time.
             self._writer = pq.ParquetWriter(
                 path,
@@ -121,7 +129,6 @@ class ShardWriter:
                 use_dictionary=["class_name"],
                 write_statistics=["path", "class_name"],
             )
-            self.shards.append(path)
         offsets = pa.py_buffer(np.array(self._offsets, dtype=np.int64))
         images = pa.LargeBinaryArray.from_buffers(
             pa.large_binary(), len(self._paths), [None, offsets, pa.py_buffer(self._images)]
@@ -143,14 +150,23 @@ class ShardWriter:
 
     def _close_shard(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer, self._shard_bytes = None, 0
+            writer, self._writer, self._shard_bytes = self._writer, None, 0
+            try:
+                writer.close()
+            except OSError as exc:
+                raise _naming(exc, self.shards[-1]) from exc
 
     def close(self) -> list[Path]:
         """Flush and close; the shard files written, in order."""
         self._flush()
         self._close_shard()
         return self.shards
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path``: Arrow's write errors (a full disk) name no file."""
+    code = os_error_code(exc)
+    return OSError(code, os.strerror(code) if code is not None else str(exc), str(path))
 
 
 def shards(data: Path, split: str) -> list[Path]:
