@@ -24,6 +24,7 @@ from tasks.errors import DataError, RuntimeUnavailable
 from tasks.ingest import STAGING_PREFIX, ingest
 from tasks.params import DataParams, SyntheticParams, load
 from tasks.paths import Workspace
+from tasks.registry import Registry
 
 from conftest import file_tree, ingest_bounds, run, write_class_folders
 
@@ -372,6 +373,7 @@ def test_data_that_fails_validation_is_put_back_under_dvc_repro(workspace: Works
     p = load(workspace.params_file)
     good = replace(p.data, synthetic=SyntheticParams(2, 12, 12))
     ingest(good, workspace)
+    Registry.open(workspace, p.registry).ensure_marker()  # as `visionops ingest` does: validate's DVC dependency
     accepted = workspace.state / "data" / "accepted"
     assert accepted.is_dir(), "a new version is pending until validate passes"
     run(["dvc", "repro", "validate"], workspace.root)
