@@ -192,7 +192,8 @@ def test_a_killed_rank_fails_the_stage_naming_it_and_a_rerun_at_another_world_si
     seconds_to_fail = time.monotonic() - killed_at
 
     assert proc.returncode == 1, output
-    assert "rank 1 (local rank 1 on" in output and "was killed by SIGKILL" in output, output
+    assert "visionops: error: RankFailed: data-parallel training failed: rank 1 (local rank 1 on" in output, output
+    assert "was killed by SIGKILL" in output, output
     assert seconds_to_fail < 60, f"the stage took {seconds_to_fail:.0f} s to fail after the kill"
     assert not ws.candidate.exists()
     last_complete = int(torch.load(checkpoint, weights_only=True)["epoch"])
@@ -210,7 +211,7 @@ def test_a_rendezvous_that_never_completes_fails_after_its_timeout_naming_endpoi
     ws = _stage_workspace(tmp_path / "ws", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout_s=3.0)
     started = time.monotonic()
     output, _ = _stage(ws).communicate(timeout=300)
-    assert "visionops" in output and f"127.0.0.1:{port}" in output, output
+    assert "visionops: error: RuntimeUnavailable: " in output and f"127.0.0.1:{port}" in output, output
     assert "did not gather the 2 nodes of train.nnodes within 3 s" in output, output
     assert time.monotonic() - started < 120
     assert not ws.candidate.exists()
