@@ -134,10 +134,14 @@ def launch(topology: Topology, module: str = "tasks.train", args: Sequence[str] 
     try:
         elastic_launch(config, sys.executable)("-m", module, *args)
     except ChildFailedError as exc:
-        ranks = sorted(exc.failures)
+        # When one rank fails the agent stops the others with SIGTERM: those are not the cause.
+        stopped = {r for r, f in exc.failures.items() if f.exitcode == -signal.SIGTERM}
+        ranks = sorted(set(exc.failures) - stopped) or sorted(stopped)
         described = "; ".join(
             _describe_failure(r, exc.failures[r].exitcode, exc.failures[r].local_rank) for r in ranks
         )
+        if stopped - set(ranks):
+            described += f" (the launcher then stopped rank(s) {', '.join(map(str, sorted(stopped)))})"
         codes = {exc.failures[r].exitcode for r in ranks}
         # A worker that stopped on a reported error (config 2, gate 3) keeps its code; a crash is 1.
         code = codes.pop() if len(codes) == 1 and codes <= {1, 2, 3} else 1
