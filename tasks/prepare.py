@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from tasks import params
 from tasks.data.imaging import convert, decode
+from tasks.data.phash import dct_hashes, to_hex
 from tasks.data.raw import read_images, read_labels, row_groups
 from tasks.data.reports import CorruptFile, PrepareReport, SplitCounts
 from tasks.entry import StageSpec, run_stage
@@ -51,6 +52,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("channels", pa.int64()),
         ("mean", pa.float64()),  # of the converted pixels, 0..1
         ("std", pa.float64()),
+        ("phash", pa.string()),  # 64-bit perceptual hash of the converted pixels, 16 hex digits (tasks/data/phash.py)
         ("decoded", pa.bool_()),
         ("error", pa.string()),
     ]
@@ -68,6 +70,7 @@ class DecodedChunk:
     mean: list[float | None]
     std: list[float | None]
     error: list[str | None]
+    phash: list[str | None]
 
 
 def _pixel_stats(stacked: np.ndarray) -> tuple[list[float], list[float]]:
@@ -112,7 +115,9 @@ def decode_chunk(encoded: list[bytes], image_size: int, channels: int) -> Decode
     means, stds = (iter(v) for v in _pixel_stats(stacked))
     mean = [next(means) if good else None for good in ok]
     std = [next(stds) if good else None for good in ok]
-    return DecodedChunk(stacked, ok, height, width, bands, hashes, mean, std, errors)
+    phashes = iter(to_hex(dct_hashes(stacked)))
+    phash = [next(phashes) if good else None for good in ok]
+    return DecodedChunk(stacked, ok, height, width, bands, hashes, mean, std, errors, phash)
 
 
 def _decode_group(path: Path, group: int, image_size: int, channels: int) -> DecodedChunk:
@@ -189,7 +194,7 @@ def prepare(p: DataParams, ws: Workspace) -> PrepareReport:
             manifest["class_name"] += names
             manifest["path"] += paths
             manifest["decoded"] += ok
-            for column in ("content_hash", "height", "width", "channels", "mean", "std", "error"):
+            for column in ("content_hash", "height", "width", "channels", "mean", "std", "phash", "error"):
                 manifest[column] += [v for c in chunks for v in getattr(c, column)]
             errors = [v for c in chunks for v in c.error]
             bad = [CorruptFile(split, path, err) for path, err in zip(paths, errors, strict=True) if err is not None]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import params
+from tasks.blessing.confidence import confidence_profile
 from tasks.blessing.decision import PromotionDecision, PromotionRejected, VerifiedOn
 from tasks.blessing.evidence import Evidence, build_card, load_evidence
 from tasks.blessing.gate import check_floor, compare_with_production
@@ -59,17 +60,12 @@ def precondition_failures(evidence: Evidence, gate: GateParams, require_provider
 
 def images_for_contract(split: PreparedSplit, contract: InputContract) -> np.ndarray:
     """The test images in another model's input contract (size, channels), through tasks.data.imaging."""
-    from tasks.data.imaging import encode_png, to_array
+    from tasks.data.imaging import conform
 
     c, s = contract.channels, contract.image_size
-    if split.images.shape[1:] == (c, s, s):
-        return split.images
-    log.info("production expects %dx%dx%d: converting the test images with tasks.data.imaging", c, s, s)
-    out = np.empty((len(split.images), c, s, s), dtype=np.uint8)
-    for i, img in enumerate(split.images):
-        hwc = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        out[i] = to_array(encode_png(np.ascontiguousarray(hwc)), s, c)
-    return out
+    if split.images.shape[1:] != (c, s, s):
+        log.info("production expects %dx%dx%d: converting the test images with tasks.data.imaging", c, s, s)
+    return conform(split.images, c, s)
 
 
 def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: PreparedSplit) -> np.ndarray:
@@ -113,11 +109,9 @@ def promote(p: Params, ws: Workspace) -> PromotionDecision:
 
     split = load_split(ws, "test")
     batch = p.registry.max_batch_size
-    candidate_correct = correct_by_name(
-        _onnx_probabilities(ws.onnx_model, images_for_contract(split, evidence.export.input), batch),
-        evidence.export.classes,
-        split,
-    )
+    candidate_images = images_for_contract(split, evidence.export.input)
+    candidate_probabilities = _onnx_probabilities(ws.onnx_model, candidate_images, batch)
+    candidate_correct = correct_by_name(candidate_probabilities, evidence.export.classes, split)
     decision = replace(decision, candidate_accuracy=float(candidate_correct.mean()))
     registry = Registry.open(ws, p.registry)
     with registry.lock():
@@ -177,7 +171,10 @@ def promote(p: Params, ws: Workspace) -> PromotionDecision:
         files = {MODEL_FILE: ws.onnx_model, WEIGHTS_FILE: ws.candidate}
         registry.publish(
             files,
-            build_card(ws, p, evidence, decision, version, files),
+            replace(
+                build_card(ws, p, evidence, decision, version, files),
+                confidence=confidence_profile(candidate_probabilities, candidate_correct, evidence.export.classes),
+            ),
             history={
                 "accuracy": decision.candidate_accuracy,
                 "production_accuracy": decision.production_accuracy,
