@@ -91,6 +91,13 @@ def shapes_model() -> Any:
     return model.eval()
 
 
+def example_input() -> Any:
+    """What torch.onnx.export traces the model with (batch 2: a batch of 1 would be specialised)."""
+    import torch
+
+    return torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
 def probabilities(images: np.ndarray) -> np.ndarray:
     import torch
 

@@ -117,7 +117,8 @@ def test_transformed_test_images_in_train_are_found_and_named(shapes) -> None:
 
     leaks = {p.path: p for p in found.summary.pairs if p.kind == "leak"}
     assert found.summary.leaks == 3 and set(leaks) == {test[3][0], test[77][0], test[150][0]}
-    assert leaks[test[3][0]].twin == "train/leaked/jpeg.png" and leaks[test[150][0]].twin == "train/leaked/brightened.png"
+    assert leaks[test[3][0]].twin == "train/leaked/jpeg.png"
+    assert leaks[test[150][0]].twin == "train/leaked/brightened.png"
     assert all(p.bits <= BITS and p.correlation >= MIN_CORRELATION for p in leaks.values())
     named = found.train_twin.dropna()
     assert named.loc[manifest.index[manifest["path"] == test[77][0]][0]].startswith("train/leaked/resized.png (")

@@ -7,22 +7,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from tasks import params as params_module
 from tasks.data.contract import _mostly
 from tasks.data.imaging import encode_png
-from tasks.data.raw import write_split
+from tasks.data.prepared import load_split
+from tasks.data.raw import RawImage, write_split
 from tasks.data.reports import DataProfile, ValidationReport
-from tasks.data.sources import folder
+from tasks.data.sources import folder, synthetic
 from tasks.errors import ValidationFailed
-from tasks.params import Params
+from tasks.params import Params, SyntheticParams
 from tasks.paths import SPLITS, Workspace
 from tasks.prepare import prepare
 from tasks.registry import Registry
 from tasks.validate import ValidateSections, validate
 
-from candidate_factory import publish_pixel_reader
+import shapes_classifier as sc
+from candidate_factory import export_contract, make_card, publish_pixel_reader
 from conftest import PROJECT, run, write_class_folders
 
 
@@ -131,3 +135,120 @@ def test_stage_entry_exits_non_zero_naming_the_leak(tmp_path: Path) -> None:
     proc = run(["python", "-m", "tasks.validate"], ws.root, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "ValidationFailed" in proc.stderr and "leak" in proc.stderr and "train/a/dup.png" in proc.stderr
+
+
+def _shape_files(root: Path, per_class: tuple[int, int], seed: int) -> dict[str, list[Path]]:
+    """Synthetic shapes as class folders ``root/{train,test}/<class>/<i>.png``."""
+    dataset = synthetic.generate(SyntheticParams(10, *per_class), seed=seed)
+    files: dict[str, list[Path]] = {}
+    for split, images in dataset.splits.items():
+        for img in images:
+            path = root / img.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(img.image)
+            files.setdefault(split, []).append(path)
+    return files
+
+
+@pytest.mark.integration
+def test_near_duplicate_leaks_are_named_and_within_split_copies_counted_apart(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files = _shape_files(src, (20, 10), seed=0)
+    disk, ring = files["test"][0], files["test"][45]  # test/disk/00000.png, test/ring/00005.png
+    with Image.open(disk) as img:
+        img.save(src / "train" / "disk" / "copy.jpg", format="JPEG", quality=75)  # re-encoded
+    with Image.open(ring) as img:
+        img.resize((35, 35), Image.Resampling.BILINEAR).save(src / "train" / "ring" / "bigger.png")
+    train_plus = files["train"][65]  # train/plus/00005.png: a brighter copy beside it, and an exact one
+    brighter = np.clip(np.asarray(Image.open(train_plus), dtype=np.float32) * 1.1, 0, 255).round().astype(np.uint8)
+    (src / "train" / "plus" / "brighter.png").write_bytes(encode_png(brighter))
+    shutil.copy(train_plus, src / "train" / "plus" / "exact.png")
+    ws, p = Workspace(tmp_path / "ws"), _params()
+    _ingest_folder(src, ws, p)
+    with pytest.raises(ValidationFailed, match="no_near_duplicate_leak") as info:
+        validate(_sections(replace(p, data=replace(p.data, image_size=32))), ws)
+    message = str(info.value)
+    assert "test/disk/00000.png (near duplicate of train/disk/copy.jpg (" in message
+    assert "test/ring/00005.png (near duplicate of train/ring/bigger.png (" in message
+    report = ValidationReport.read(ws.validation, "validate")
+    assert report.near_duplicates is not None and report.near_duplicates.leaks == 2
+    failed = {f.check: f for f in report.failures}
+    assert failed["no_near_duplicate_leak"].unexpected_count == 2
+    assert "no_train_test_leak" not in failed and "near_duplicates_within_split" not in failed
+    # Within train, the brighter copy is a near duplicate of the original and of its exact copy; the
+    # original and its exact copy are not near duplicates of each other: the exact check counts them.
+    twin = {pair.path: pair.twin for pair in report.near_duplicates.pairs if pair.kind == "within_train"}
+    plus = "train/plus/00005.png"
+    assert twin == {"train/plus/brighter.png": twin["train/plus/brighter.png"],
+                    plus: "train/plus/brighter.png", "train/plus/exact.png": "train/plus/brighter.png"}
+    assert twin["train/plus/brighter.png"] in (plus, "train/plus/exact.png")
+    assert report.near_duplicates.within_split == 3
+    exact = next(c for c in report.details if c.name == "duplicates_within_split")
+    assert exact.unexpected_count == 2
+
+
+def _shapes_split(images: np.ndarray, labels: np.ndarray, split: str) -> list[RawImage]:
+    return [RawImage(f"{split}/{sc.CLASSES[y]}/{i:04d}.png", sc.CLASSES[y], encode_png(img.transpose(1, 2, 0)))
+            for i, (img, y) in enumerate(zip(images, labels, strict=True))]
+
+
+def _shapes_workspace(root: Path, p: Params, seed: int, transform=None) -> Workspace:
+    """prepared/ from the four shape classes at 16 px (train 40 a class, test 100), pixels ``transform``-ed."""
+    ws = Workspace(root)
+    ws.data.mkdir(parents=True)
+    for split, per_class in (("train", 40), ("test", 100)):
+        images, labels = sc.shapes(per_class, seed=seed, split=split)
+        write_split(_shapes_split(transform(images) if transform else images, labels, split), ws.raw_split(split))
+    prepare(p.data, ws)
+    return ws
+
+
+@pytest.mark.integration
+def test_content_drift_with_equal_pixel_statistics_is_seen_by_the_model(tmp_path: Path, single_thread_torch) -> None:
+    """Production (a CNN trained on shapes) scores new data whose pixels were scrambled: every image keeps
+    its mean and std and the label mix stays, so the pixel checks pass; the model's confidences do not."""
+    from tasks.blessing import confidence
+    from tasks.data.drift import data_profile
+    from tasks.export import export_onnx
+    from tasks.registry import MODEL_FILE
+
+    p = _params(max_near_leak_fraction=1.0, max_near_duplicate_fraction=1.0)  # not under test here
+    p = replace(p, data=replace(p.data, image_size=sc.SIZE), registry=replace(p.registry, uri=str(tmp_path / "reg")))
+    own = _shapes_workspace(tmp_path / "production", p, seed=0)  # the data production was trained and tested on
+    onnx = tmp_path / "model" / MODEL_FILE
+    export_onnx(sc.shapes_model(), sc.example_input(), onnx, opset=18)
+    test = load_split(own, "test")
+    probabilities = confidence.score(onnx, test.images, 64)
+    correct = np.array(sc.CLASSES)[probabilities.argmax(axis=1)] == np.array(test.classes)[test.labels]  # by name
+    profile = confidence.confidence_profile(probabilities, correct, sc.CLASSES)
+    (tmp_path / "model" / "weights.pt").write_bytes(b"weights")
+    files = {MODEL_FILE: onnx, "weights.pt": tmp_path / "model" / "weights.pt"}
+    registry = Registry.open(own, p.registry)
+    with registry.lock():
+        card = make_card(1, registry.model_name, files, export_contract(onnx, files["weights.pt"], sc.CLASSES, 3, 16),
+                         profile.accuracy, profile=data_profile(pd.read_parquet(own.manifest)))
+        registry.publish(files, replace(card, confidence=profile), history={"decision": "test"})
+
+    unchanged = validate(_sections(p), _shapes_workspace(tmp_path / "unchanged", p, seed=3))
+    seen = unchanged.model_drift
+    assert unchanged.success and seen is not None and seen.production_version == 1 and seen.scored == 400
+    assert abs(seen.estimated_accuracy - seen.measured_accuracy) <= 0.05 and seen.confidence_ks < 0.1
+
+    scrambled = _shapes_workspace(tmp_path / "scrambled", p, seed=3, transform=sc.scrambled)
+    with pytest.raises(ValidationFailed, match="drift_confidence"):
+        validate(_sections(p), scrambled)
+    report = ValidationReport.read(scrambled.validation, "validate")
+    results = {c.name: c for c in report.details}
+    for pixel_check in ("drift_label_distribution", "drift_pixel_mean", "drift_pixel_std"):
+        assert results[pixel_check].success, results[pixel_check]
+    assert report.data_profile.pixel_mean == unchanged.data_profile.pixel_mean
+    assert report.model_drift is not None and report.model_drift.measured_accuracy < 0.5
+    observed = results["drift_confidence"].observed
+    assert observed["value"] > 0.1 and observed["p_value"] < 0.01
+
+    # The same data with the model-based checks set to warn: reported, and the run goes on.
+    warn = replace(p.validate.drift.actions, confidence="warn", predicted_classes="warn", estimated_accuracy="warn")
+    lenient = replace(p, validate=replace(p.validate, drift=replace(p.validate.drift, actions=warn)))
+    report = validate(_sections(lenient), scrambled)
+    assert report.success and "drift_confidence" in {w.check for w in report.warnings}
+    assert {c.name: c.action for c in report.checks}["drift_confidence"] == "warn"
