@@ -15,7 +15,7 @@ from tasks.data.phash import dct_hashes, to_hex
 from tasks.data.sources import synthetic
 from tasks.params import SyntheticParams
 
-BITS, MIN_CORRELATION = 10, 0.98  # params.yaml's defaults
+BITS, MIN_CORRELATION = 8, 0.985  # params.yaml's defaults
 
 
 def _random_pairs(n_query: int, n_reference: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,9 +50,8 @@ def test_candidate_pairs_are_exactly_the_pairs_within_the_distance(bits: int, sa
     expected = _brute_force(query, reference, bits, same)
     monkeypatch.setattr(near_duplicates, "BLOCK_ELEMENTS", 1000)  # many scan blocks
     monkeypatch.setattr(near_duplicates, "QUERY_BLOCK", 37)  # many probe blocks
-    masks = near_duplicates._probe_masks(bits // near_duplicates.CHUNKS)
     for found in (near_duplicates._scan(query, reference, bits, same),
-                  near_duplicates._indexed(query, reference, bits, same, masks),
+                  near_duplicates._indexed(query, reference, bits, same),
                   near_duplicates.candidate_pairs(query, reference, bits, same)):
         pairs = list(zip(*(a.tolist() for a in found), strict=True))
         assert len(pairs) == len(set(pairs)) and set(pairs) == expected
@@ -138,4 +137,5 @@ def test_distinct_images_of_the_same_class_are_not_flagged(shapes) -> None:
     assert (found.summary.leaks, found.summary.within_split) == (0, 0)
     # the hashes alone would flag many of them: the thumbnails are what tells copies from look-alikes
     hashes = {s: np.array([int(h, 16) for h in manifest[manifest["split"] == s]["phash"]], np.uint64) for s in images}
-    assert len(near_duplicates.candidate_pairs(hashes["test"], hashes["train"], BITS)[0]) > 100
+    flagged_by_hash = np.unique(near_duplicates.candidate_pairs(hashes["test"], hashes["train"], BITS)[0])
+    assert len(flagged_by_hash) > 0.2 * len(hashes["test"])

@@ -47,7 +47,8 @@ def _brightened(png: bytes, factor: float) -> bytes:
 def test_copies_stay_within_a_few_bits_while_other_images_differ_in_about_half(shapes, transform) -> None:
     originals = phash.dct_hashes(np.stack([to_array(b, 32, 3) for b in shapes]))
     copies = phash.dct_hashes(np.stack([to_array(transform(b), 32, 3) for b in shapes]))
-    assert _bits(originals, copies).max() <= 10
+    moved = _bits(originals, copies)
+    assert np.median(moved) <= 2 and np.mean(moved <= 8) >= 0.95  # 8: validate.near_duplicate_bits
     others = _bits(originals[:, None], originals[None, :])[~np.eye(len(originals), dtype=bool)]
     assert np.median(others) >= 20
 

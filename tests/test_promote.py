@@ -253,6 +253,12 @@ def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     assert card.verification.provider_active == "cpu" and card.verification.cuda_verified is False
     assert card.export.input.dtype == "uint8" and card.classes == CLASSES3
     assert (version_dir / "weights.pt").read_bytes() == ws.candidate.read_bytes()
+    # production's own test split as its ONNX model saw it: what validate compares new data with
+    profile = card.confidence
+    assert profile is not None and profile.images == N and profile.accuracy == pytest.approx(50 / N)
+    answers = np.load(ws.images("test"))[:, 0, 0, :3].argmax(axis=1)  # what the channel-0 reader answers
+    assert profile.predicted_share == pytest.approx({c: float(np.mean(answers == i)) for i, c in enumerate(CLASSES3)})
+    assert profile.confidence_quantiles[0] <= profile.confidence_quantiles[-1] <= 1.0
 
 
 def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None:

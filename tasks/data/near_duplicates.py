@@ -1,7 +1,8 @@
 """Near duplicates: resized, re-encoded or brightened copies, between train and test and within a split.
 
 Two stages. Candidates are pairs whose 64-bit perceptual hashes (manifest column ``phash``) differ
-in at most ``bits`` bits, found by a blocked, vectorised XOR-popcount scan. A candidate is
+in at most ``bits`` bits, found by multi-index hashing (four 16-bit bucket keys), or by a blocked
+XOR-popcount scan of every pair when that is cheaper (a large ``bits``). A candidate is
 confirmed when the two images, area-averaged to 8x8 px in every channel, correlate at least
 ``min_correlation``. The hash finds the few pairs worth comparing; the thumbnails tell a copy from
 a look-alike: on the synthetic set a hash match alone flags a quarter of the distinct test images
@@ -27,6 +28,7 @@ BLOCK_ELEMENTS = 1 << 23  # hash pairs per XOR block of the full scan: 64 MB of 
 CHUNKS, CHUNK_BITS = 4, 16  # multi-index hashing: the 64-bit hash as four 16-bit bucket keys
 QUERY_BLOCK = 2048  # query rows probed at a time (bounds the candidate arrays)
 THUMBNAIL_BLOCK = 4096  # images converted to float32 at a time
+PAIR_BLOCK = 1 << 16  # candidate pairs correlated at a time
 PROBE_COST = 8  # a bucket probe costs about this many scanned pairs (measured: benchmarks/validation.py)
 MAX_REPORTED_PAIRS = 100  # pairs listed in validation.json; all are counted
 
@@ -89,10 +91,12 @@ def _chunk(hashes: np.ndarray, c: int) -> np.ndarray:
     return ((hashes >> np.uint64(CHUNK_BITS * c)) & np.uint64((1 << CHUNK_BITS) - 1)).astype(np.int64)
 
 
-def _indexed(query: np.ndarray, reference: np.ndarray, bits: int, same: bool, masks: np.ndarray) -> Pairs:
+def _indexed(query: np.ndarray, reference: np.ndarray, bits: int, same: bool) -> Pairs:
     """Every pair within ``bits`` by multi-index hashing: two hashes within ``bits`` agree to within
     ``bits // CHUNKS`` bits on at least one of the CHUNKS 16-bit chunks, so a query is compared only
     with the reference rows in the buckets near its chunks."""
+    radius = bits // CHUNKS
+    masks = _probe_masks(radius)
     found: list[Pairs] = []
     for c in range(CHUNKS):
         keys = _chunk(reference, c)
@@ -108,31 +112,29 @@ def _indexed(query: np.ndarray, reference: np.ndarray, bits: int, same: bool, ma
             if len(hit) == 0:
                 continue
             counts, first = counts[hit], starts[probes[hit]]
-            owner = start + hit // len(masks)  # the query row of each probe
             ends = np.cumsum(counts)
             # candidate k of a probe sits at bucketed[first + k]
             position = np.arange(ends[-1]) - np.repeat(ends - counts - first, counts)
-            distance = np.bitwise_count(np.repeat(query[owner], counts) ^ bucketed[position])
-            close = np.flatnonzero(distance <= bits)
-            rows = owner[np.searchsorted(ends, close, side="right")]
-            partners = order[position[close]]
-            keep = partners > rows if same else slice(None)
-            found.append((rows[keep], partners[keep], distance[close][keep]))
-    q, r, d = _joined(found)
-    # a pair close in several chunks was found once per chunk
-    _unique, first_seen = np.unique(q * len(reference) + r, return_index=True)
-    return q[first_seen], r[first_seen], d[first_seen]
+            rows = np.repeat(start + hit // len(masks), counts)  # the query row of each candidate
+            xor = query[rows] ^ bucketed[position]
+            close = np.flatnonzero(np.bitwise_count(xor) <= bits)
+            rows, partners, xor = rows[close], order[position[close]], xor[close]
+            # a pair near in an earlier chunk was found there already: keep each pair once
+            keep = partners > rows if same else np.ones(len(rows), bool)
+            for earlier in range(c):
+                keep &= np.bitwise_count(_chunk(xor, earlier)) > radius
+            found.append((rows[keep], partners[keep], np.bitwise_count(xor[keep])))
+    return _joined(found)
 
 
 def candidate_pairs(query: np.ndarray, reference: np.ndarray, bits: int, same: bool = False) -> Pairs:
     """(query row, reference row, distance) of every pair within ``bits`` bits; ``same``: i < j only.
 
     Multi-index hashing when it compares fewer pairs than a full scan would, else the full scan."""
-    masks = _probe_masks(bits // CHUNKS)
-    probes = len(query) * len(masks) * CHUNKS
+    probes = len(query) * len(_probe_masks(bits // CHUNKS)) * CHUNKS
     if probes * PROBE_COST >= len(query) * len(reference) / (2 if same else 1):
         return _scan(query, reference, bits, same)
-    return _indexed(query, reference, bits, same, masks)
+    return _indexed(query, reference, bits, same)
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
@@ -167,15 +169,18 @@ def _confirmed(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Confirmed pairs (query row, reference row, bits, correlation), exact copies left out."""
     q, r, d = candidate_pairs(query.hashes, reference.hashes, bits, same)
-    content_q = query.rows["content_hash"].to_numpy()
-    content_r = reference.rows["content_hash"].to_numpy()
-    keep = content_q[q] != content_r[r]
+    content = pd.factorize(pd.concat([query.rows["content_hash"], reference.rows["content_hash"]]))[0]
+    keep = content[: len(query.rows)][q] != content[len(query.rows) :][r]
     q, r, d = q[keep], r[keep], d[keep]
     if len(q) == 0:
         return q, r, d, np.empty(0, np.float32)
     uq, q_at = np.unique(q, return_inverse=True)
     ur, r_at = np.unique(r, return_inverse=True)
-    correlation = np.einsum("nk,nk->n", _gather(query, uq)[q_at], _gather(reference, ur)[r_at])
+    query_thumbs, reference_thumbs = _gather(query, uq), _gather(reference, ur)
+    correlation = np.empty(len(q), np.float32)
+    for start in range(0, len(q), PAIR_BLOCK):  # pairs at a time: the gathered thumbnails stay small
+        part = slice(start, start + PAIR_BLOCK)
+        correlation[part] = np.einsum("nk,nk->n", query_thumbs[q_at[part]], reference_thumbs[r_at[part]])
     keep = correlation >= min_correlation
     return q[keep], r[keep], d[keep], correlation[keep]
 
@@ -185,10 +190,9 @@ def _closest(n: int, q: np.ndarray, r: np.ndarray, d: np.ndarray, c: np.ndarray)
     twin = np.full(n, -1, np.int64)
     bits = np.zeros(n, np.int64)
     correlation = np.zeros(n, np.float32)
-    order = np.argsort(c, kind="stable")  # ascending: the last write per row is its best partner
-    twin[q[order]] = r[order]
-    bits[q[order]] = d[order]
-    correlation[q[order]] = c[order]
+    order = np.lexsort((c, q))  # by row, then by correlation: each row's best partner comes last
+    best = order[np.append(q[order][1:] != q[order][:-1], True)] if len(order) else order
+    twin[q[best]], bits[q[best]], correlation[q[best]] = r[best], d[best], c[best]
     return Twins(twin, bits, correlation)
 
 
