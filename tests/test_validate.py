@@ -203,32 +203,50 @@ def _shapes_workspace(root: Path, p: Params, seed: int, transform=None) -> Works
     return ws
 
 
-@pytest.mark.integration
-def test_content_drift_with_equal_pixel_statistics_is_seen_by_the_model(tmp_path: Path, single_thread_torch) -> None:
-    """Production (a CNN trained on shapes) scores new data whose pixels were scrambled: every image keeps
-    its mean and std and the label mix stays, so the pixel checks pass; the model's confidences do not."""
+def _shapes_params(registry: Path) -> Params:
+    p = _params(max_near_leak_fraction=1.0, max_near_duplicate_fraction=1.0)  # not under test here
+    return replace(p, data=replace(p.data, image_size=sc.SIZE), registry=replace(p.registry, uri=str(registry)))
+
+
+@pytest.fixture(scope="module")
+def shapes_production(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry whose production is a CNN really trained on the shapes, its card with a confidence profile."""
+    import torch
+
     from tasks.blessing import confidence
     from tasks.data.drift import data_profile
     from tasks.export import export_onnx
     from tasks.registry import MODEL_FILE
 
-    p = _params(max_near_leak_fraction=1.0, max_near_duplicate_fraction=1.0)  # not under test here
-    p = replace(p, data=replace(p.data, image_size=sc.SIZE), registry=replace(p.registry, uri=str(tmp_path / "reg")))
-    own = _shapes_workspace(tmp_path / "production", p, seed=0)  # the data production was trained and tested on
-    onnx = tmp_path / "model" / MODEL_FILE
-    export_onnx(sc.shapes_model(), sc.example_input(), onnx, opset=18)
+    root = tmp_path_factory.mktemp("shapes")
+    p = _shapes_params(root / "registry")
+    own = _shapes_workspace(root / "production", p, seed=0)  # the data production was trained and tested on
+    onnx = root / "model" / MODEL_FILE
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a busy 2-core machine (see conftest's single_thread_torch)
+    try:
+        export_onnx(sc.shapes_model(), sc.example_input(), onnx, opset=18)
+    finally:
+        torch.set_num_threads(threads)
     test = load_split(own, "test")
     probabilities = confidence.score(onnx, test.images, 64)
     correct = np.array(sc.CLASSES)[probabilities.argmax(axis=1)] == np.array(test.classes)[test.labels]  # by name
     profile = confidence.confidence_profile(probabilities, correct, sc.CLASSES)
-    (tmp_path / "model" / "weights.pt").write_bytes(b"weights")
-    files = {MODEL_FILE: onnx, "weights.pt": tmp_path / "model" / "weights.pt"}
+    (root / "model" / "weights.pt").write_bytes(b"weights")
+    files = {MODEL_FILE: onnx, "weights.pt": root / "model" / "weights.pt"}
     registry = Registry.open(own, p.registry)
     with registry.lock():
         card = make_card(1, registry.model_name, files, export_contract(onnx, files["weights.pt"], sc.CLASSES, 3, 16),
                          profile.accuracy, profile=data_profile(pd.read_parquet(own.manifest)))
         registry.publish(files, replace(card, confidence=profile), history={"decision": "test"})
+    return root / "registry"
 
+
+@pytest.mark.integration
+def test_content_drift_with_equal_pixel_statistics_is_seen_by_the_model(tmp_path: Path, shapes_production) -> None:
+    """Production (a CNN trained on shapes) scores new data whose pixels were scrambled: every image keeps
+    its mean and std and the label mix stays, so the pixel checks pass; the model's confidences do not."""
+    p = _shapes_params(shapes_production)
     unchanged = validate(_sections(p), _shapes_workspace(tmp_path / "unchanged", p, seed=3))
     seen = unchanged.model_drift
     assert unchanged.success and seen is not None and seen.production_version == 1 and seen.scored == 400
@@ -252,3 +270,22 @@ def test_content_drift_with_equal_pixel_statistics_is_seen_by_the_model(tmp_path
     report = validate(_sections(lenient), scrambled)
     assert report.success and "drift_confidence" in {w.check for w in report.warnings}
     assert {c.name: c.action for c in report.checks}["drift_confidence"] == "warn"
+
+
+@pytest.mark.integration
+def test_dvc_repro_runs_the_model_based_checks(workspace: Workspace, shapes_production: Path) -> None:
+    workspace.data.mkdir()
+    for split, per_class in (("train", 40), ("test", 100)):
+        images, labels = sc.shapes(per_class, seed=3, split=split)
+        write_split(_shapes_split(sc.scrambled(images), labels, split), workspace.raw_split(split))
+    params_module.write_overrides(workspace.params_file, {
+        "data.image_size": sc.SIZE, "registry.uri": str(shapes_production), "validate.min_per_class": 2,
+        "validate.max_near_leak_fraction": 1.0, "validate.max_near_duplicate_fraction": 1.0,
+    })
+    proc = run(["dvc", "repro", "validate"], workspace.root, check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "drift_confidence" in proc.stderr and "ValidationFailed" in proc.stderr, proc.stderr
+    report = ValidationReport.read(workspace.validation, "validate")
+    assert report.model_drift is not None and report.model_drift.production_version == 1
+    failed = {f.check for f in report.failures}  # the model-based checks only: the pixels look the same
+    assert "drift_confidence" in failed and failed <= {"drift_confidence", "drift_predicted_classes"}
