@@ -168,7 +168,7 @@ def _production(ws: Workspace, p: Params, tmp: Path, scored: int) -> Callable[[]
     with registry.lock():
         card = make_card(1, registry.model_name, files, export_contract(onnx, files["weights.pt"], classes, 3, 32),
                          profile.accuracy, profile=data_profile(pd.read_parquet(ws.manifest)))
-        registry.publish(files, replace(card, confidence=profile), history={"decision": "benchmark"})
+        registry.publish(files, replace(card, confidence=profile))
     return raw_seconds
 
 

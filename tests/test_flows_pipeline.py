@@ -133,4 +133,7 @@ def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspa
     assert str(error) == "stage 'validate' failed: ValidationFailed: 1 expectation failed"
     assert _steps(workspace) == ["prepare", "validate"]
     assert _task_names(state) == ["ingest", "prepare", "validate"]
-    assert not (workspace.root / "registry").exists()
+    # Nothing was promoted; the registry holds only production.json ("none yet"), validate's DVC dependency.
+    registry = Registry.open(workspace, load(workspace.params_file).registry)
+    assert registry.production() is None and registry.events().events == []
+    assert sorted(p.name for p in (workspace.root / "registry").rglob("*") if p.is_file()) == ["production.json"]

@@ -238,7 +238,7 @@ def shapes_production(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with registry.lock():
         card = make_card(1, registry.model_name, files, export_contract(onnx, files["weights.pt"], sc.CLASSES, 3, 16),
                          profile.accuracy, profile=data_profile(pd.read_parquet(own.manifest)))
-        registry.publish(files, replace(card, confidence=profile), history={"decision": "test"})
+        registry.publish(files, replace(card, confidence=profile))
     return root / "registry"
 
 
