@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks import params as params_module
-from tasks.data.contract import _mostly
+from tasks.data.contract import ContractInputs, _model_expectations, _mostly
 from tasks.data.imaging import encode_png
 from tasks.data.prepared import load_split
 from tasks.data.raw import RawImage, write_split
@@ -121,6 +121,25 @@ def test_mostly_allows_exactly_the_limit() -> None:
     mostly = _mostly(limit, n)
     assert (n - limit) / n >= mostly > (n - limit - 1) / n
     assert _mostly(0, n) == 1.0
+
+
+@pytest.mark.parametrize("p_value, fails", [(0.5, False), (1e-4, True)])
+def test_a_drift_distance_over_its_bound_fails_only_when_significant(p_value: float, fails: bool) -> None:
+    import great_expectations as gx
+
+    drift = pd.DataFrame([{"production": "production version 1", "confidence_ks": 0.4,
+                           "confidence_ks_p_value": p_value, "prediction_tv": 0.0, "prediction_tv_p_value": 1.0,
+                           "atc_threshold": 0.5, "production_accuracy": 0.9}])
+    p = _params().validate
+    assert p.drift.max_confidence_ks < 0.4 and 0.5 >= p.drift.significance > 1e-4
+    empty = pd.DataFrame()
+    scored = pd.DataFrame({"above_atc_threshold": [1.0], "correct": [1.0]})
+    inputs = ContractInputs(empty, empty, empty, empty, [], scored=scored, model_drift=drift)
+    context = gx.get_context(mode="ephemeral")
+    batch = context.data_sources.add_pandas("t").add_dataframe_asset("d").add_batch_definition_whole_dataframe("d")
+    confidence, predictions = _model_expectations(p, inputs)["model_drift"]
+    outcome = [batch.get_batch(batch_parameters={"dataframe": drift}).validate(e) for e in (confidence, predictions)]
+    assert [r.success for r in outcome] == [not fails, True]
 
 
 @pytest.mark.integration

@@ -61,6 +61,7 @@ def _model_expectations(p: ValidateParams, inputs: ContractInputs) -> dict[str, 
     """The checks of the new data as the production model sees it (tasks/blessing/confidence.py)."""
     import great_expectations.expectations as gxe
     from great_expectations.expectations.metadata_types import FailureSeverity
+    from great_expectations.expectations.row_conditions import Column
 
     if inputs.scored is None or inputs.model_drift is None:
         return {}
@@ -73,8 +74,9 @@ def _model_expectations(p: ValidateParams, inputs: ContractInputs) -> dict[str, 
         observed = {"value": float(row[column]), "max": limit, "p_value": float(row[column + "_p_value"]),
                     "significance": drift.significance}
         return gxe.ExpectColumnValuesToBeBetween(
-            column=column, max_value=limit, row_condition=f"{column}_p_value < {drift.significance}",
-            condition_parser="pandas", severity=severity(action),
+            # GX Core 1.9+: a Condition object; string row conditions are deprecated
+            column=column, max_value=limit, row_condition=Column(f"{column}_p_value") < drift.significance,
+            severity=severity(action),
             meta={"check": check, "notes": f"{what} <= {limit} unless p >= {drift.significance}",
                   "observed": observed},
         )
