@@ -123,6 +123,7 @@ def test_mostly_allows_exactly_the_limit() -> None:
     assert _mostly(0, n) == 1.0
 
 
+@pytest.mark.integration  # GX: seconds to import
 @pytest.mark.parametrize("p_value, fails", [(0.5, False), (1e-4, True)])
 def test_a_drift_distance_over_its_bound_fails_only_when_significant(p_value: float, fails: bool) -> None:
     import great_expectations as gx
