@@ -41,8 +41,8 @@ from tasks import params as params_module  # noqa: E402
 from tasks.data import near_duplicates  # noqa: E402
 from tasks.data.imaging import encode_png, to_array  # noqa: E402
 from tasks.data.phash import dct_hashes, to_hex  # noqa: E402
-from tasks.data.raw import write_split  # noqa: E402
 from tasks.data.sources import synthetic  # noqa: E402
+from tasks.ingest import write_data  # noqa: E402
 from tasks.params import Params, SyntheticParams  # noqa: E402
 from tasks.paths import SPLITS, Workspace  # noqa: E402
 from tasks.prepare import prepare  # noqa: E402
@@ -187,12 +187,14 @@ def main() -> None:
     v = p.validate
     print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     dataset = synthetic.generate(SyntheticParams(10, args.per_class, args.test_per_class), seed=0)
+    splits: dict[str, list[bytes]] = {split: [] for split in SPLITS}
+    for split, image in dataset.images():
+        splits[split].append(image.image)
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws")
         ws.data.mkdir(parents=True)
-        for split in SPLITS:
-            write_split(dataset.splits[split], ws.raw_split(split))
-        n = sum(len(v) for v in dataset.splits.values())
+        write_data(dataset, ws.data, p.data.ingest)
+        n = sum(len(v) for v in splits.values())
         start = time.perf_counter()
         prepare(p.data, ws)
         print(f"prepare (with perceptual hashes): {time.perf_counter() - start:.1f} s for {n} images")
@@ -236,8 +238,7 @@ def main() -> None:
 
     test_per_class = args.test_per_class
     print(f"synthetic 32 px ({args.per_class}/{test_per_class} a class), near duplicates, defaults:")
-    train = [img.image for img in dataset.splits["train"]]
-    test = [img.image for img in dataset.splits["test"]][:: max(1, len(dataset.splits["test"]) // COPIES)][:COPIES]
+    train, test = splits["train"], splits["test"][:: max(1, len(splits["test"]) // COPIES)][:COPIES]
     print(_rates(train, test, 32, v.near_duplicate_bits, v.near_duplicate_min_correlation))
     if args.digits:
         train, test = _digits(args.digits)

@@ -24,7 +24,7 @@ EPOCHS = 5  # about 93% on held-out shapes: real mistakes for ATC to count
 def shapes(per_class: int, seed: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 3, 16, 16) synthetic images of the four classes, and their labels."""
     dataset = synthetic.generate(SyntheticParams(len(CLASSES), per_class, per_class), seed=seed)
-    images = dataset.splits[split]
+    images = [img for s, img in dataset.images() if s == split]
     pixels = np.stack([to_array(img.image, SIZE, 3) for img in images])
     return pixels, np.array([CLASSES.index(img.class_name) for img in images], dtype=np.int64)
 

@@ -101,7 +101,10 @@ def _prepared(splits: dict[str, list[tuple[str, bytes]]]) -> tuple[pd.DataFrame,
 @pytest.fixture(scope="module")
 def shapes() -> dict[str, list[tuple[str, bytes]]]:
     dataset = synthetic.generate(SyntheticParams(10, 60, 20), seed=0)
-    return {split: [(img.path, img.image) for img in images] for split, images in dataset.splits.items()}
+    splits: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
+    for split, img in dataset.images():
+        splits[split].append((img.path, img.image))
+    return splits
 
 
 def test_transformed_test_images_in_train_are_found_and_named(shapes) -> None:

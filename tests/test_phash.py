@@ -21,7 +21,7 @@ def _bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def shapes() -> list[bytes]:
     dataset = synthetic.generate(SyntheticParams(10, 1, 10), seed=0)
-    return [img.image for img in dataset.splits["test"]]
+    return [img.image for split, img in dataset.images() if split == "test"]
 
 
 def _jpeg(png: bytes) -> bytes:

@@ -15,19 +15,20 @@ from tasks import params as params_module
 from tasks.data.contract import ContractInputs, _model_expectations, _mostly
 from tasks.data.imaging import encode_png
 from tasks.data.prepared import load_split
-from tasks.data.raw import RawImage, write_split
+from tasks.data.raw import RawImage
 from tasks.data.reports import DataProfile, ValidationReport
 from tasks.data.sources import folder, synthetic
 from tasks.errors import ValidationFailed
+from tasks.ingest import write_data
 from tasks.params import Params, SyntheticParams
-from tasks.paths import SPLITS, Workspace
+from tasks.paths import Workspace
 from tasks.prepare import prepare
 from tasks.registry import Registry
 from tasks.validate import ValidateSections, validate
 
 import shapes_classifier as sc
 from candidate_factory import export_contract, make_card, publish_pixel_reader
-from conftest import PROJECT, run, write_class_folders
+from conftest import PROJECT, run, write_class_folders, write_raw
 
 
 def _params(**validate_overrides) -> Params:
@@ -42,10 +43,9 @@ def _sections(p: Params) -> ValidateSections:
 
 def _ingest_folder(src: Path, ws: Workspace, p: Params) -> None:
     """data/ from a class-folder source without DVC (validate does not need versioning)."""
-    dataset = folder.load(str(src), p.data.test_fraction, p.data.seed, ws.root / "cache")
+    dataset = folder.load(str(src), p.data.test_fraction, p.data.seed, p.data.ingest, ws.root / "cache")
     ws.data.mkdir(parents=True)
-    for split in SPLITS:
-        write_split(dataset.splits[split], ws.raw_split(split))
+    write_data(dataset, ws.data, p.data.ingest)
     prepare(p.data, ws)
 
 
@@ -161,12 +161,11 @@ def _shape_files(root: Path, per_class: tuple[int, int], seed: int) -> dict[str,
     """Synthetic shapes as class folders ``root/{train,test}/<class>/<i>.png``."""
     dataset = synthetic.generate(SyntheticParams(10, *per_class), seed=seed)
     files: dict[str, list[Path]] = {}
-    for split, images in dataset.splits.items():
-        for img in images:
-            path = root / img.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(img.image)
-            files.setdefault(split, []).append(path)
+    for split, img in dataset.images():
+        path = root / img.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(img.image)
+        files.setdefault(split, []).append(path)
     return files
 
 
@@ -215,10 +214,11 @@ def _shapes_split(images: np.ndarray, labels: np.ndarray, split: str) -> list[Ra
 def _shapes_workspace(root: Path, p: Params, seed: int, transform=None) -> Workspace:
     """prepared/ from the four shape classes at 16 px (train 40 a class, test 100), pixels ``transform``-ed."""
     ws = Workspace(root)
-    ws.data.mkdir(parents=True)
+    splits = {}
     for split, per_class in (("train", 40), ("test", 100)):
         images, labels = sc.shapes(per_class, seed=seed, split=split)
-        write_split(_shapes_split(transform(images) if transform else images, labels, split), ws.raw_split(split))
+        splits[split] = _shapes_split(transform(images) if transform else images, labels, split)
+    write_raw(ws.data, splits)
     prepare(p.data, ws)
     return ws
 
@@ -294,10 +294,11 @@ def test_content_drift_with_equal_pixel_statistics_is_seen_by_the_model(tmp_path
 
 @pytest.mark.integration
 def test_dvc_repro_runs_the_model_based_checks(workspace: Workspace, shapes_production: Path) -> None:
-    workspace.data.mkdir()
+    splits = {}
     for split, per_class in (("train", 40), ("test", 100)):
         images, labels = sc.shapes(per_class, seed=3, split=split)
-        write_split(_shapes_split(sc.scrambled(images), labels, split), workspace.raw_split(split))
+        splits[split] = _shapes_split(sc.scrambled(images), labels, split)
+    write_raw(workspace.data, splits)
     params_module.write_overrides(workspace.params_file, {
         "data.image_size": sc.SIZE, "registry.uri": str(shapes_production), "validate.min_per_class": 2,
         "validate.max_near_leak_fraction": 1.0, "validate.max_near_duplicate_fraction": 1.0,
