@@ -62,29 +62,42 @@ def flatten(report: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
 
 def validation_table(report: ValidationReport) -> list[dict[str, Any]]:
     rows = [
-        {"check": c.name, "result": "pass" if c.success else "FAIL", "observed": _cell(c.observed)}
+        {"check": c.name, "result": "pass" if c.success else "FAIL" if c.action == "fail" else "warn",
+         "observed": _cell(c.observed)}
         for c in report.checks
     ]
-    for failure in report.failures:
-        examples = ", ".join(failure.examples[:EXAMPLES_SHOWN])
-        where = failure.column or failure.check
-        rows.append(
-            {
-                "check": f"{failure.expectation} ({where})" if where else failure.expectation,
-                "result": "FAIL",
-                "observed": f"{failure.unexpected_count} unexpected" + (f", e.g. {examples}" if examples else ""),
-            }
-        )
+    for result, failures in (("FAIL", report.failures), ("warn", report.warnings)):
+        for failure in failures:
+            examples = ", ".join(failure.examples[:EXAMPLES_SHOWN])
+            where = failure.column or failure.check
+            rows.append(
+                {
+                    "check": f"{failure.expectation} ({where})" if where else failure.expectation,
+                    "result": result,
+                    "observed": f"{failure.unexpected_count} unexpected" + (f", e.g. {examples}" if examples else ""),
+                }
+            )
     return rows
 
 
 def validation_description(report: ValidationReport) -> str:
     profile = report.data_profile
     verdict = "passed" if report.success else f"FAILED ({len(report.failures)} expectations)"
-    return (
+    if report.warnings:
+        verdict += f" with {len(report.warnings)} warnings"
+    text = (
         f"Data validation {verdict}: {profile.n_train} train / {profile.n_test} test"
         f" images, content hash {profile.content_hash}"
     )
+    if (near := report.near_duplicates) is not None:
+        text += f"; near duplicates: {near.leaks} test images in train, {near.within_split} within a split"
+    if (seen := report.model_drift) is not None:
+        text += (
+            f"; production version {seen.production_version} on {seen.scored} new test images: estimated accuracy"
+            f" {seen.estimated_accuracy:.4f} (measured {seen.measured_accuracy:.4f}), confidence KS"
+            f" {seen.confidence_ks:.4f}, predicted-class TV {seen.prediction_tv:.4f}"
+        )
+    return text
 
 
 def metrics_table(report: MetricsReport) -> list[dict[str, Any]]:

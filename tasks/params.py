@@ -77,11 +77,32 @@ class DataParams:
     ingest: IngestParams
 
 
+DriftAction = Literal["fail", "warn"]
+
+
+@dataclass(frozen=True)
+class DriftActions:
+    """What a failed drift check does: fail stops the run, warn reports it and goes on."""
+
+    label_distribution: DriftAction
+    pixel_mean: DriftAction
+    pixel_std: DriftAction
+    confidence: DriftAction
+    predicted_classes: DriftAction
+    estimated_accuracy: DriftAction
+
+
 @dataclass(frozen=True)
 class DriftParams:
     max_label_tv: float
     max_mean_shift: float
     max_std_shift: float
+    max_confidence_ks: float  # KS distance of production's top-1 confidences, new data vs its test split
+    max_prediction_tv: float  # TV distance of production's predicted-class shares
+    significance: float  # a model-based drift must also be this unlikely without a change (p-value)
+    min_estimated_accuracy: float  # production's accuracy on the new data, estimated by ATC
+    max_scored_images: int  # new test images production scores (evenly spaced beyond this)
+    actions: DriftActions
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,10 @@ class ValidateParams:
     max_duplicate_fraction: float
     max_degenerate: int
     min_pixel_std: float
+    near_duplicate_bits: int  # perceptual-hash Hamming distance that makes two images candidates
+    near_duplicate_min_correlation: float  # 8x8 thumbnails must correlate this much to confirm
+    max_near_leak_fraction: float  # test images with a near duplicate in train, as a share of test
+    max_near_duplicate_fraction: float  # images with a near (not exact) duplicate in their split
     drift: DriftParams
 
 
@@ -223,7 +248,16 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("validate.max_duplicate_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("validate.max_degenerate", lambda v: v >= 0, "non-negative"),
     ("validate.min_pixel_std", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("validate.near_duplicate_bits", lambda v: 0 <= v <= 32, "between 0 and 32"),
+    ("validate.near_duplicate_min_correlation", lambda v: -1 <= v <= 1, "in [-1, 1]"),
+    ("validate.max_near_leak_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.max_near_duplicate_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("validate.drift.max_label_tv", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.drift.max_confidence_ks", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.drift.max_prediction_tv", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.drift.significance", lambda v: 0 < v < 1, "strictly between 0 and 1"),
+    ("validate.drift.min_estimated_accuracy", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("validate.drift.max_scored_images", lambda v: v >= 1, "at least 1"),
     ("data.synthetic.train_per_class", lambda v: v >= 1, "at least 1"),
     ("data.synthetic.test_per_class", lambda v: v >= 1, "at least 1"),
     ("train.epochs", lambda v: v >= 1, "at least 1"),
@@ -458,6 +492,8 @@ __all__ = [
     "AugmentParams",
     "ConfigError",
     "DataParams",
+    "DriftAction",
+    "DriftActions",
     "DriftParams",
     "ExportParams",
     "GateParams",

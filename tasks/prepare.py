@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from tasks import params
 from tasks.data.imaging import convert, decode
+from tasks.data.phash import dct_hashes, to_hex
 from tasks.data.raw import RowGroup, class_names, damaged, parquet_file, read_group, row_groups
 from tasks.data.reports import CorruptFile, PrepareReport, SourceSummary, SplitCounts
 from tasks.entry import StageSpec, run_stage
@@ -63,6 +64,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("channels", pa.int64()),
         ("mean", pa.float64()),  # of the converted pixels, 0..1
         ("std", pa.float64()),
+        ("phash", pa.string()),  # 64-bit perceptual hash of the converted pixels, 16 hex digits (tasks/data/phash.py)
         ("decoded", pa.bool_()),
         ("error", pa.string()),
     ]
@@ -127,6 +129,7 @@ def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, cha
     facts: list[ImageFacts] = []
     means: list[float | None] = []
     stds: list[float | None] = []
+    phashes: list[str | None] = []
     try:
         batches = parquet_file(unit.path).iter_batches(DECODE_BATCH, row_groups=[unit.group], columns=["image"])
         with open(images, "r+b") as out:
@@ -142,6 +145,7 @@ def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, cha
                 ok = [f.decoded for f in facts[first:]]
                 means += [float(m) if good else None for m, good in zip(mean, ok, strict=True)]
                 stds += [float(v) if good else None for v, good in zip(std, ok, strict=True)]
+                phashes += [h if good else None for h, good in zip(to_hex(dct_hashes(block)), ok, strict=True)]
                 position = offset + (unit.start + first) * row_bytes
                 if os.pwrite(out.fileno(), block.data, position) != block.nbytes:
                     raise OSError(errno.ENOSPC, "No space left on device (short write)", str(images))
@@ -154,6 +158,7 @@ def decode_group(unit: RowGroup, images: Path, offset: int, image_size: int, cha
         "class_name": labels.column("class_name").to_pylist(),
         "mean": means,
         "std": stds,
+        "phash": phashes,
     }
     columns.update({name: [getattr(f, name) for f in facts] for name in FACTS})
     return DecodedGroup(columns)

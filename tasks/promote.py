@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import params
+from tasks.blessing.confidence import confidence_profile
 from tasks.blessing.decision import PromotionDecision, PromotionRejected, VerifiedOn
 from tasks.blessing.evidence import Evidence, build_card, load_evidence
 from tasks.blessing.gate import check_floor, compare_with_production
@@ -59,16 +60,9 @@ def precondition_failures(evidence: Evidence, gate: GateParams, require_provider
 
 def images_for_contract(images: np.ndarray, contract: InputContract) -> np.ndarray:
     """A batch of test images in another model's input contract (size, channels), through tasks.data.imaging."""
-    from tasks.data.imaging import encode_png, to_array
+    from tasks.data.imaging import conform
 
-    c, s = contract.channels, contract.image_size
-    if images.shape[1:] == (c, s, s):
-        return images
-    out = np.empty((len(images), c, s, s), dtype=np.uint8)
-    for i, img in enumerate(images):
-        hwc = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        out[i] = to_array(encode_png(np.ascontiguousarray(hwc)), s, c)
-    return out
+    return conform(images, contract.channels, contract.image_size)
 
 
 class ContractImages:
@@ -178,11 +172,8 @@ def promote(p: Params, ws: Workspace, readmit: bool = False) -> PromotionDecisio
 
     split = load_split(ws, "test")
     batch = p.registry.max_batch_size
-    candidate_correct = correct_by_name(
-        _onnx_probabilities(ws.onnx_model, split.images, evidence.export.input, batch),
-        evidence.export.classes,
-        split,
-    )
+    candidate_probabilities = _onnx_probabilities(ws.onnx_model, split.images, evidence.export.input, batch)
+    candidate_correct = correct_by_name(candidate_probabilities, evidence.export.classes, split)
     decision = replace(decision, candidate_accuracy=float(candidate_correct.mean()))
     registry = Registry.open(ws, p.registry)
     with registry.lock():
@@ -216,7 +207,9 @@ def promote(p: Params, ws: Workspace, readmit: bool = False) -> PromotionDecisio
             summary=decision.summary.replace("promoted", f"promoted as version {version}", 1),
         )
         files = {MODEL_FILE: ws.onnx_model, WEIGHTS_FILE: ws.candidate}
-        registry.publish(files, build_card(ws, p, evidence, decision, version, files), readmitted=readmitted)
+        card = build_card(ws, p, evidence, decision, version, files)
+        profile = confidence_profile(candidate_probabilities, candidate_correct, evidence.export.classes)
+        registry.publish(files, replace(card, confidence=profile), readmitted=readmitted)
     if not v.cuda_verified:
         log.warning("version %d was verified on %s: CUDA was NOT verified", version, v.provider_active)
     return _decided(ws, decision)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from tasks import params
 from tasks.data.drift import data_profile, drift_checks, total_variation
 from tasks.data.reports import DataProfile
-from tasks.params import DriftParams
+
+from conftest import PROJECT
 
 
 def _manifest(pixels: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -49,7 +53,9 @@ def test_drift_checks_compare_with_thresholds() -> None:
     production = DataProfile(
         {"a": 0.7, "b": 0.3}, pixel_mean=0.45, pixel_std=0.40, n_train=2, n_test=2, content_hash="p"
     )
-    checks = {c.name: c for c in drift_checks(current, production, DriftParams(0.15, 0.1, 0.1))}
+    drift = replace(params.load(PROJECT / "params.yaml").validate.drift, max_label_tv=0.15, max_mean_shift=0.1,
+                    max_std_shift=0.1)
+    checks = {c.name: c for c in drift_checks(current, production, drift)}
     assert not checks["drift_label_distribution"].success and checks["drift_label_distribution"].observed == 0.2
     assert checks["drift_pixel_mean"].success
     assert not checks["drift_pixel_std"].success and "0.2000 (max 0.1)" in checks["drift_pixel_std"].message

@@ -18,7 +18,7 @@ from flows.artifacts import (
     validation_table,
 )
 from tasks.blessing.reports import ClassScores, InputContract, MetricsReport
-from tasks.data.reports import CheckSummary, DataProfile, ValidationFailure
+from tasks.data.reports import CheckSummary, DataProfile, ModelDrift, NearDuplicates, ValidationFailure
 from tasks.registry.status import HeadlineMetrics, ProductionStatus, RegistryStatus
 
 from candidate_factory import floor_check, validation_report
@@ -52,6 +52,29 @@ def test_validation_table_lists_checks_and_failures_with_examples() -> None:
     }
     assert validation_description(VALIDATION) == (
         "Data validation FAILED (1 expectations): 120 train / 40 test images, content hash abc123"
+    )
+
+
+def test_validation_summary_shows_warnings_near_duplicates_and_the_models_view() -> None:
+    warned = ValidationFailure("expect_column_values_to_be_between", "drift_confidence", "confidence_ks", 1,
+                               ["production version 2"], "KS distance")
+    report = replace(
+        VALIDATION,
+        success=True,
+        failures=[],
+        checks=[CheckSummary("drift_confidence", False, {"value": 0.31, "max": 0.1}, "warn")],
+        warnings=[warned],
+        near_duplicates=NearDuplicates(leaks=3, within_split=7, pairs=[]),
+        model_drift=ModelDrift(2, 400, 0.31, 0.05, 0.9425, 0.24, per_class=[]),
+    )
+    rows = validation_table(report)
+    assert [(r["check"], r["result"]) for r in rows] == [
+        ("drift_confidence", "warn"), ("expect_column_values_to_be_between (confidence_ks)", "warn")
+    ]
+    assert validation_description(report) == (
+        "Data validation passed with 1 warnings: 120 train / 40 test images, content hash abc123;"
+        " near duplicates: 3 test images in train, 7 within a split; production version 2 on 400 new test"
+        " images: estimated accuracy 0.9425 (measured 0.2400), confidence KS 0.3100, predicted-class TV 0.0500"
     )
 
 

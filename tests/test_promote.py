@@ -28,6 +28,7 @@ from tasks.registry import IntegrityError, Registry
 
 from candidate_factory import (
     CLASSES3,
+    N_TEST,
     make_ws,
     nested_split,
     pixel_reader_candidate,
@@ -283,6 +284,12 @@ def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     assert {name: text.encode() if text else None for name, text in card.built_from.texts().items()} == {
         name: (ws.root / name).read_bytes() for name in ("params.yaml", "dvc.lock", "data.dvc")
     }
+    # production's own test split as its ONNX model saw it: what validate compares new data with
+    profile = card.confidence
+    assert profile is not None and profile.images == N_TEST and profile.accuracy == pytest.approx(50 / N_TEST)
+    answers = np.load(ws.images("test"))[:, 0, 0, :3].argmax(axis=1)  # what the channel-0 reader answers
+    assert profile.predicted_share == pytest.approx({c: float(np.mean(answers == i)) for i, c in enumerate(CLASSES3)})
+    assert profile.confidence_quantiles[0] <= profile.confidence_quantiles[-1] <= 1.0
 
 
 def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ OVERRIDES = {
     "data.synthetic.test_per_class": 12,
     "data.image_size": 16,
     "gate.min_accuracy": 0.0,
+    "validate.drift.min_estimated_accuracy": 0.0,  # below the floor: the second run re-validates against run 1's model
     "verify.provider": "cpu",
     "verify.latency_runs": 5,
     "registry.max_batch_size": 16,

@@ -73,6 +73,17 @@ def load_evidence(ws: Workspace) -> Evidence:
 
 
 @dataclass(frozen=True)
+class ConfidenceProfile(Record):
+    """Production's own test split as its ONNX model saw it at promotion: what validate compares new data with."""
+
+    images: int
+    accuracy: float
+    atc_threshold: float  # ATC (Garg et al. 2022): the share of test confidences above it equals `accuracy`
+    confidence_quantiles: list[float]  # top-1 confidence at probabilities 0, 1/Q, ..., 1 (tasks/blessing/confidence.py)
+    predicted_share: dict[str, float]  # predicted class -> share of the test split
+
+
+@dataclass(frozen=True)
 class CardData(Record):
     md5: str | None  # of data/, as data.dvc records it
     source: SourceSummary | None  # data/source.json
@@ -130,6 +141,7 @@ class Card(Record):
     verification: VerificationReport
     gate: PromotionDecision
     built_from: BuiltFrom | None = None  # None on cards written before it existed
+    confidence: ConfidenceProfile | None = None  # None in cards written before it was recorded
 
 
 def git_rev(root: Path) -> str | None:

@@ -1,10 +1,15 @@
 """The image-data contract as Great Expectations Core suites, run on frames built from the manifest.
 
-Four batches, one suite each:
-- ``images``: one row per image (manifest): corrupt files, duplicates within a split, degenerate images;
-- ``test_images``: the test rows, with ``train_twin`` (a train image with the same pixels): label set, leakage;
+Four batches, one suite each, and two more when there is a production model to ask:
+- ``images``: one row per image (manifest): corrupt files, exact and near duplicates within a split,
+  degenerate images;
+- ``test_images``: the test rows, with ``train_twin`` (a train image with the same pixels) and
+  ``train_near_twin`` (a confirmed near duplicate in train): label set, leakage, near-duplicate leakage;
 - ``classes``: one row per (split, class): minimum count, balance;
-- ``tensors``: one row per split tensor file: shape, dtype, rows matching the manifest.
+- ``tensors``: one row per split tensor file: shape, dtype, rows matching the manifest;
+- ``scored``: one row per new test image production scored: its estimated accuracy (ATC);
+- ``model_drift``: one row, production's view of the new data: confidence and predicted-class drift.
+A check whose ``validate.drift.actions`` entry is warn runs at GX severity "warning".
 Great Expectations is imported lazily: it costs seconds a process.
 """
 
@@ -25,7 +30,13 @@ log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 MAX_EXAMPLES = 10  # paths quoted per failed expectation
-ID_COLUMN = {"images": "path", "test_images": "path", "classes": "class", "tensors": "split"}
+ID_COLUMN = {
+    "images": "path", "test_images": "path", "classes": "class", "tensors": "split", "scored": "path",
+    "model_drift": "production",
+}
+TWIN_COLUMNS = {
+    "train_twin": "same pixels as", "train_near_twin": "near duplicate of", "near_twin": "near duplicate of"
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,8 @@ class ContractInputs:
     classes: pd.DataFrame
     tensors: pd.DataFrame
     train_classes: list[str]
+    scored: pd.DataFrame | None = None  # without a production model (or its confidence profile): None
+    model_drift: pd.DataFrame | None = None
 
 
 def _mostly(limit: int, n: int) -> float:
@@ -44,12 +57,58 @@ def _mostly(limit: int, n: int) -> float:
     return max(0.0, 1.0 - (limit + 0.5) / n)  # +0.5: exactly ``limit`` failures must pass despite rounding
 
 
+def _model_expectations(p: ValidateParams, inputs: ContractInputs) -> dict[str, list[Any]]:
+    """The checks of the new data as the production model sees it (tasks/blessing/confidence.py)."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
+    from great_expectations.expectations.row_conditions import Column
+
+    if inputs.scored is None or inputs.model_drift is None:
+        return {}
+    drift, row = p.drift, inputs.model_drift.iloc[0]
+
+    def severity(action: str) -> FailureSeverity:
+        return FailureSeverity.WARNING if action == "warn" else FailureSeverity.CRITICAL
+
+    def shift(column: str, limit: float, check: str, action: str, what: str) -> Any:
+        observed = {"value": float(row[column]), "max": limit, "p_value": float(row[column + "_p_value"]),
+                    "significance": drift.significance}
+        return gxe.ExpectColumnValuesToBeBetween(
+            # GX Core 1.9+: a Condition object; string row conditions are deprecated
+            column=column, max_value=limit, row_condition=Column(f"{column}_p_value") < drift.significance,
+            severity=severity(action),
+            meta={"check": check, "notes": f"{what} <= {limit} unless p >= {drift.significance}",
+                  "observed": observed},
+        )
+
+    return {
+        "scored": [
+            gxe.ExpectColumnMeanToBeBetween(
+                column="above_atc_threshold", min_value=drift.min_estimated_accuracy,
+                severity=severity(drift.actions.estimated_accuracy),
+                meta={"check": "drift_estimated_accuracy",
+                      "notes": f"production's estimated accuracy (ATC) >= {drift.min_estimated_accuracy}",
+                      "observed": {"min": drift.min_estimated_accuracy, "atc_threshold": float(row["atc_threshold"]),
+                                   "measured_accuracy": float(inputs.scored["correct"].mean()),
+                                   "production_accuracy": float(row["production_accuracy"])}},
+            ),
+        ],
+        "model_drift": [
+            shift("confidence_ks", drift.max_confidence_ks, "drift_confidence", drift.actions.confidence,
+                  "KS distance of production's top-1 confidences vs its test split"),
+            shift("prediction_tv", drift.max_prediction_tv, "drift_predicted_classes", drift.actions.predicted_classes,
+                  "total variation of production's predicted classes vs its test split"),
+        ],
+    }
+
+
 def expectations(p: ValidateParams, image_size: int, channels: int, inputs: ContractInputs) -> dict[str, list[Any]]:
     """Batch name -> its expectations, each tagged with ``meta.check`` (the check's stable name)."""
     import great_expectations.expectations as gxe
 
     n_images = len(inputs.images)
     meta = lambda name, text: {"check": name, "notes": text}  # noqa: E731 - one line per expectation below
+    near = f"hashes within {p.near_duplicate_bits} bits, 8x8 thumbnails r >= {p.near_duplicate_min_correlation}"
     return {
         "images": [
             gxe.ExpectColumnValuesToBeInSet(
@@ -67,6 +126,11 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
                 column="std", min_value=p.min_pixel_std, mostly=_mostly(p.max_degenerate, n_images),
                 meta=meta("no_degenerate_images", f"pixel std >= {p.min_pixel_std} (not constant or blank)"),
             ),
+            gxe.ExpectColumnValuesToBeNull(
+                column="near_twin", mostly=1.0 - p.max_near_duplicate_fraction,
+                meta=meta("near_duplicates_within_split",
+                          f"at most {p.max_near_duplicate_fraction:.2%} near duplicates in a split ({near})"),
+            ),
         ],
         "test_images": [
             gxe.ExpectColumnValuesToBeInSet(
@@ -76,6 +140,13 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
             gxe.ExpectColumnValuesToBeNull(
                 column="train_twin",
                 meta=meta("no_train_test_leak", "no test image has the same pixels as a train image (leak)"),
+            ),
+            gxe.ExpectColumnValuesToBeNull(
+                column="train_near_twin", mostly=1.0 - p.max_near_leak_fraction,
+                meta=meta(
+                    "no_near_duplicate_leak",
+                    f"at most {p.max_near_leak_fraction:.2%} of test images near-duplicate a train image ({near})",
+                ),
             ),
         ],
         "classes": [
@@ -114,6 +185,7 @@ def expectations(p: ValidateParams, image_size: int, channels: int, inputs: Cont
                 meta=meta("tensor_rows", "one label per decoded manifest row"),
             ),
         ],
+        **_model_expectations(p, inputs),
     }
 
 
@@ -151,8 +223,9 @@ def _examples(batch: str, result: dict[str, Any]) -> list[str]:
     examples: list[str] = []
     for row in result.get("partial_unexpected_index_list") or []:
         name = str(row.get(id_column, "?"))
-        if batch == "test_images" and row.get("train_twin"):
-            name += f" (same pixels as {row['train_twin']})"
+        for column, relation in TWIN_COLUMNS.items():
+            if row.get(column):
+                name += f" ({relation} {row[column]})"
         if name not in examples:
             examples.append(name)
     return examples[:MAX_EXAMPLES]
@@ -168,7 +241,7 @@ def run(
     source = context.data_sources.add_pandas("prepared")
     checks: list[CheckResult] = []
     for batch, suite_expectations in expectations(p, image_size, channels, inputs).items():
-        frame: pd.DataFrame = getattr(inputs, batch)
+        frame: pd.DataFrame = getattr(inputs, batch)  # a batch without a frame has no expectations
         definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
         suite = context.suites.add(gx.ExpectationSuite(name=f"visionops_{batch}"))
         for expectation in suite_expectations:
@@ -192,19 +265,23 @@ def run(
             pair = f"{kwargs.get('column_A')}={kwargs.get('column_B')}"
             column = kwargs.get("column") or ",".join(kwargs.get("column_list") or []) or pair
             unexpected = int(result.get("unexpected_count") or 0)
+            observed: dict[str, Any] = {
+                "unexpected_count": unexpected, "element_count": int(result.get("element_count") or len(frame))
+            }
+            if "observed_value" in result:  # an aggregate expectation (a column mean)
+                observed = {"value": float(result["observed_value"])}
+            success = bool(item.success)
             checks.append(
                 CheckResult(
                     name=config.meta["check"],
-                    success=bool(item.success),
-                    observed={
-                        "unexpected_count": unexpected,
-                        "element_count": int(result.get("element_count") or len(frame)),
-                    },
+                    success=success,
+                    observed={**observed, **config.meta.get("observed", {})},
                     expectation=config.type,
                     column=column,
-                    unexpected_count=unexpected,
+                    unexpected_count=unexpected if unexpected or success else 1,
                     examples=_examples(batch, result),
                     message=exception or config.meta["notes"],
+                    action="warn" if str(config.severity.value) == "warning" else "fail",
                 )
             )
     context.build_data_docs(site_names=["visionops"])

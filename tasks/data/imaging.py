@@ -83,3 +83,14 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def conform(images: np.ndarray, channels: int, image_size: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images in another model's input contract, each converted as its file would be."""
+    if images.shape[1:] == (channels, image_size, image_size):
+        return images
+    out = np.empty((len(images), channels, image_size, image_size), dtype=np.uint8)
+    for i, img in enumerate(images):
+        hwc = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        out[i] = to_array(encode_png(np.ascontiguousarray(hwc)), image_size, channels)
+    return out

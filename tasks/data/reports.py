@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tasks.fs.records import Record
 
@@ -74,6 +74,7 @@ class CheckResult(Record):
     unexpected_count: int = 0
     examples: list[str] = field(default_factory=list)
     message: str = ""
+    action: Literal["fail", "warn"] = "fail"  # warn: a failure is reported and the run goes on
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class CheckSummary(Record):
     name: str
     success: bool
     observed: Any
+    action: Literal["fail", "warn"] = "fail"
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,47 @@ class DriftStatus(Record):
 
 
 @dataclass(frozen=True)
+class NearDuplicatePair(Record):
+    kind: str  # leak (a test image and its train twin) | within_train | within_test
+    path: str
+    twin: str
+    bits: int  # Hamming distance of the perceptual hashes
+    correlation: float  # of the 8x8 thumbnails
+
+
+@dataclass(frozen=True)
+class NearDuplicates(Record):
+    """Near (not exact) duplicates; the counts are DVC metrics, the pairs (a list) are not."""
+
+    leaks: int  # test images with a near duplicate in train
+    within_split: int  # images with a near duplicate in their own split
+    pairs: list[NearDuplicatePair]  # the first MAX_REPORTED_PAIRS, leaks first
+
+
+@dataclass(frozen=True)
+class ClassEstimate(Record):
+    """Production's predictions of one class on the new data: the share ATC believes right, and the truth."""
+
+    class_name: str
+    predicted: int  # new images production assigns to this class
+    estimated_accuracy: float  # share of them above the ATC threshold
+    measured_accuracy: float  # share of them that are this class (prepared data is labelled)
+
+
+@dataclass(frozen=True)
+class ModelDrift(Record):
+    """The new data as the production model sees it, against its own test split at promotion."""
+
+    production_version: int
+    scored: int  # new test images scored
+    confidence_ks: float  # Kolmogorov-Smirnov distance of top-1 confidences, 0..1
+    prediction_tv: float  # total-variation distance of predicted-class shares, 0..1
+    estimated_accuracy: float  # ATC: share of new images above the threshold learnt at promotion
+    measured_accuracy: float  # production's accuracy on the same images, from their labels
+    per_class: list[ClassEstimate]  # by predicted class; a list, so DVC metrics leave it out
+
+
+@dataclass(frozen=True)
 class ValidationReport(Record):
     """reports/validation.json, written by validate whether it passed or not."""
 
@@ -111,3 +154,6 @@ class ValidationReport(Record):
     counts: dict[str, SplitCounts]
     data_docs: str  # index.html of the Great Expectations Data Docs, relative to the workspace
     details: list[CheckResult]
+    warnings: list[ValidationFailure] = field(default_factory=list)  # failed checks whose action is warn
+    near_duplicates: NearDuplicates | None = None  # None in reports written before near duplicates were checked
+    model_drift: ModelDrift | None = None  # None while there is no production model with a confidence profile
