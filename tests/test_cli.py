@@ -10,7 +10,8 @@ import pytest
 from prefect.states import Completed, Crashed, Failed
 
 from flows.cli import main, pipeline_exit_code
-from flows.prefect_tasks import REJECTED, StageFailed
+from flows.dvc_repro import StageFailed
+from flows.prefect_tasks import REJECTED
 from tasks.errors import VisionopsError
 from tasks.params import load
 from tasks.paths import Workspace
