@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 HISTORY_SHOWN = 5  # history entries `visionops status` prints
-EPHEMERAL_STARTUP_S = 180  # s the temporary Prefect server may take to start
 
 
 def _say(message: str) -> None:
@@ -68,12 +66,14 @@ def pipeline_exit_code(state: State[Any]) -> int:
 
 
 def _run_pipeline(ws: Workspace, overrides: dict[str, Any]) -> State[Any]:
-    # Without PREFECT_API_URL the flow runs on a temporary local server; its first start creates
-    # the database, which takes longer than Prefect's 20 s default on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
-    from flows.pipeline import training_pipeline
+    from flows.temporary_server import prefect_api
 
-    return training_pipeline(overrides=overrides, workspace=str(ws.root), return_state=True)
+    # Without a configured Prefect API the flow runs on a temporary local server, started here
+    # before Prefect is imported, and gone when this process ends, however it ends.
+    with prefect_api(on_start=lambda line: _say(f"visionops: {line}")):
+        from flows.pipeline import training_pipeline
+
+        return training_pipeline(overrides=overrides, workspace=str(ws.root), return_state=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
