@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -145,7 +146,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def format_status(status: RegistryStatus) -> str:
     production = status.production
     if production is None:
-        lines = ["production: none (nothing promoted yet: run `visionops quickstart` or `visionops run`)"]
+        lines = ["production: no production model yet (run `visionops quickstart` or `visionops run`)"]
     else:
         fields = production.to_json()
         lines = [f"production: version {production.version}", f"  model: {production.model_path}"]
@@ -192,18 +193,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visionops")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionops",
         description="From an image dataset to a proven production ONNX model (DVC + Prefect).",
         epilog="exit codes: 0 done, 2 usage or config, 3 gate rejected (production unchanged), 1 other failure",
     )
-    parser.add_argument("--workspace", default=".", metavar="DIR", help="the git+DVC workspace (default: .)")
+    workspace_help = "the git+DVC workspace (default: .)"
+    parser.add_argument("--workspace", default=".", metavar="DIR", help=workspace_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
+        # also after the command (`visionops status --workspace DIR`); absent there, the global one holds
+        sub.add_argument("--workspace", default=argparse.SUPPRESS, metavar="DIR", help=workspace_help)
         return sub
 
     set_help = "override a params.yaml key, as `dvc exp run -S` (repeatable; written into params.yaml)"
@@ -234,7 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.started = started
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`visionops status | head`) is handled below
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_FAILED
     except VisionopsError as exc:
         _say(f"visionops: error: {_one_line(str(exc))}")
         return exc.exit_code

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tasks import params
 from tasks.data.imaging import convert, decode
 from tasks.data.raw import read_images, read_labels, row_groups
-from tasks.data.reports import CorruptFile, PrepareReport, SplitCounts
+from tasks.data.reports import CorruptFile, PrepareReport, SourceSummary, SplitCounts
 from tasks.entry import StageSpec, run_stage
 from tasks.errors import DataError
 from tasks.params import DataParams
@@ -153,14 +153,30 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 SPEC = StageSpec(
     "prepare",
-    params=("data.image_size", "data.channels"),
+    # data.source only to notice a source changed without `visionops ingest` (check_ingested)
+    params=("data.source", "data.image_size", "data.channels"),
     reads=lambda ws: [ws.data],
     writes=lambda ws: [ws.prepared],
 )
 
 
+def check_ingested(p: DataParams, ws: Workspace) -> None:
+    """data/ must be what data.source names: a source changed in params.yaml but never ingested
+    would otherwise be prepared from the old data without a word. (data/ written by other means
+    than ingest, without source.json, is taken as it is.)"""
+    if not ws.data_source.is_file():
+        return
+    ingested = SourceSummary.read(ws.data_source, "ingest").source
+    if ingested != p.source:
+        raise DataError(
+            f"params.yaml has data.source: {p.source}, but data/ holds {ingested}:"
+            " run `visionops ingest` to bring the new source in (or `visionops run`), then `dvc repro`"
+        )
+
+
 def prepare(p: DataParams, ws: Workspace) -> PrepareReport:
     """data/{train,test}.parquet -> prepared/: tensors, labels, classes.json, manifest, report."""
+    check_ingested(p, ws)
     columns = {split: read_labels(ws.raw_split(split)) for split in SPLITS}
     classes = sorted({name for _paths, names in columns.values() for name in names})
     label_of = {name: i for i, name in enumerate(classes)}

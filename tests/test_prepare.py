@@ -20,6 +20,9 @@ from tasks.params import DataParams, SyntheticParams
 from tasks.paths import Workspace
 from tasks.prepare import prepare
 
+from candidate_factory import write_params
+from conftest import run
+
 P = DataParams("synthetic", 8, 3, 0.25, 0, SyntheticParams(2, 2, 2))
 
 
@@ -99,3 +102,15 @@ def test_process_pool_gives_the_same_result(tmp_path: Path, monkeypatch: pytest.
 def test_missing_data_says_to_ingest(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `visionops ingest`"):
         prepare(P, Workspace(tmp_path))
+
+
+@pytest.mark.integration
+def test_dvc_repro_after_data_source_changed_without_ingest_says_to_ingest(workspace: Workspace) -> None:
+    write_params(workspace, {"data.synthetic.train_per_class": 3, "data.synthetic.test_per_class": 2})
+    run(["visionops", "ingest"], workspace.root)
+    run(["dvc", "repro", "prepare"], workspace.root)
+    write_params(workspace, {"data.source": "cifar10"})  # edited by hand; nobody ran `visionops ingest`
+    proc = run(["dvc", "repro", "prepare"], workspace.root, check=False)
+    assert proc.returncode != 0, "dvc repro prepared the old data for a new source: " + proc.stdout
+    output = proc.stdout + proc.stderr
+    assert "data.source: cifar10, but data/ holds synthetic" in output and "run `visionops ingest`" in output
