@@ -67,13 +67,14 @@ def pipeline_exit_code(state: State[Any]) -> int:
 
 
 def _run_pipeline(ws: Workspace, overrides: dict[str, Any]) -> State[Any]:
-    from flows.temporary_server import prefect_api
+    from flows import temporary_server
 
-    # Without a configured Prefect API the flow runs on a temporary local server, started here
-    # before Prefect is imported, and gone when this process ends, however it ends.
-    with prefect_api(on_start=lambda line: _say(f"visionops: {line}")):
-        from flows.pipeline import training_pipeline
+    # Without a configured Prefect API the flow runs on a temporary local server: started before
+    # Prefect is imported (it boots meanwhile), gone when this process ends, however it ends.
+    temporary_server.start_unless_configured()
+    from flows.pipeline import training_pipeline
 
+    with temporary_server.prefect_api(on_start=lambda line: _say(f"visionops: {line}")):
         return training_pipeline(overrides=overrides, workspace=str(ws.root), return_state=True)
 
 

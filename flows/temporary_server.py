@@ -124,16 +124,23 @@ class TemporaryServer:
         self.log.unlink(missing_ok=True)
 
 
-@contextmanager
-def prefect_api(on_start: Callable[[str], None]) -> Iterator[None]:
-    """Run the block against the configured Prefect API, or else a temporary server of this process.
-
-    When nothing names an API yet, the server is started before Prefect is imported (that import
-    takes seconds); if Prefect's settings then name one (a profile, a test harness), it is stopped unused.
-    """
+def start_unless_configured() -> None:
+    """Start this process's temporary server now if nothing names a Prefect API yet: call it before
+    importing Prefect (seconds), so the server boots meanwhile. :func:`prefect_api` decides whether
+    it is used."""
     global _running
     if _running is None and not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
         _running = TemporaryServer.start()
+
+
+@contextmanager
+def prefect_api(on_start: Callable[[str], None]) -> Iterator[None]:
+    """Run the block against the configured Prefect API, or else this process's temporary server.
+
+    When Prefect's settings name an API (the environment, a profile, a test harness), a server
+    :func:`start_unless_configured` started is stopped unused.
+    """
+    global _running
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:

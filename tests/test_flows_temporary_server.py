@@ -104,6 +104,7 @@ def test_a_failed_run_stops_its_server_and_puts_params_yaml_back(workspace: Work
 
 
 def test_a_configured_api_is_used_and_no_server_is_started() -> None:
+    temporary_server.start_unless_configured()  # Prefect is imported here: too late to start one early
     assert temporary_server._running is None
     with (
         temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}),
