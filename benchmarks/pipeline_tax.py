@@ -87,11 +87,13 @@ class Process:
     """One recorded Python process of the run (tax_probe's JSON line)."""
 
     argv: list[str]
+    pid: int
     started: float
     site: float
     ended: float
     imports: list[tuple[float, float, str]]
     calls: list[tuple[str, float, float]]
+    forked_from: int | None  # the parent's pid, for a forked child
 
     @property
     def wall(self) -> float:
@@ -118,7 +120,11 @@ class Process:
 
 def read_records(path: Path) -> list[Process]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Process(r["argv"], r["started"], r["site"], r["ended"], r["imports"], r["calls"]) for r in rows]
+    return [
+        Process(r["argv"], r["pid"], r["started"], r["site"], r["ended"], r["imports"], r["calls"],
+                forked_from=r.get("forked_from"))
+        for r in rows
+    ]  # fmt: skip
 
 
 @dataclass
@@ -139,6 +145,8 @@ def split_steps(steps: dict[str, float], processes: list[Process]) -> tuple[dict
     """Each step of the flow's own report, split with the recorded processes."""
     cli = next(p for p in processes if any(Path(a).name == "visionops" for a in p.argv[:2]))
     stage_procs = {m.removeprefix("tasks."): p for p in processes if (m := p.module_arg() or "").startswith("tasks.")}
+    servers = {p.pid for p in processes if p.module_arg() == "tasks.warm_stages"}
+    warm_children = [p for p in processes if p.forked_from in servers]
     dvc_procs = [p for p in processes if p.module_arg() == "dvc"]
     windows = defaultdict(list)
     for name, start, end in cli.calls:
@@ -148,14 +156,19 @@ def split_steps(steps: dict[str, float], processes: list[Process]) -> tuple[dict
         split = Split(total)
         if (proc := stage_procs.get(step)) is not None:
             # Everything of the step outside the stage's own process is DVC's (its start, hashing, lock).
-            split.start_imports = proc.start_imports
             split.dvc = max(total - proc.wall, 0.0)
+            child = next((c for c in warm_children if proc.started <= c.started and c.ended <= proc.ended), None)
+            if child is None:
+                split.start_imports = proc.start_imports
+            else:  # handed to the warm server: the stage process's own time, plus what its child imported
+                split.start_imports = (proc.wall - child.wall) + child.import_s()
+                split.details.append("warm")
         elif step in windows:  # an in-process step: imports it made, and the dvc processes it ran
             for start, end in windows[step]:
                 split.start_imports += cli.import_s(start, end)
                 inner = [p for p in dvc_procs if start <= p.started and p.ended <= end]
                 split.dvc += sum(p.wall for p in inner)
-                split.details += [" ".join(p.argv[p.argv.index("dvc") + 1 :][:2]) for p in inner]
+                split.details += ["dvc " + " ".join(p.argv[p.argv.index("dvc") + 1 :][:1]) for p in inner]
         else:  # DVC found the stage up to date: no stage process ran
             split.dvc = total
         splits[step] = split
@@ -207,13 +220,14 @@ def main() -> None:
     if match is None:
         sys.exit("pipeline_tax: the flow's 'pipeline took ...' line is missing from its output")
     steps = {name: float(s) for name, s in (item.rsplit(" ", 1) for item in match.group(3).split(", "))}
-    splits, cli = split_steps(steps, read_records(records))
+    records_all = read_records(records)
+    splits, cli = split_steps(steps, records_all)
     torch_import = statistics.median(torch_s)
 
     print(f"flow end to end: visionops {' '.join(FLOW_ARGS)}: {wall:.1f} s")
     print(f"{'step':<10} {'total':>7} {'start+imports':>14} {'dvc':>7} {'work':>7}   (seconds)")
     for step, s in splits.items():
-        extra = f"   dvc: {', '.join(s.details)}" if s.details else ""
+        extra = f"   ({', '.join(s.details)})" if s.details else ""
         print(f"{step:<10} {s.total:7.1f} {s.start_imports:14.1f} {s.dvc:7.1f} {s.work:7.1f}{extra}")
     in_steps = sum(steps.values())
     prefect = wall - in_steps
@@ -223,6 +237,8 @@ def main() -> None:
           f" Prefect's temporary server, task and artifact bookkeeping {prefect - cli_start:.1f} s")  # fmt: skip
     work = sum(s.work for s in splits.values())
     fixed = wall - work
+    for server in (p for p in records_all if p.module_arg() == "tasks.warm_stages"):
+        print(f"warm stage server: imported {server.import_s():.1f} s of libraries beside the run, once")
     print(f"bare python start: {bare:.2f} s; import torch: {torch_import:.2f} s (median of {len(torch_s)}: "
           + ", ".join(f"{t:.2f}" for t in torch_s) + ")")  # fmt: skip
     print(f"stages' work {work:.1f} s; fixed cost {fixed:.1f} s ({100 * fixed / wall:.0f}% of the run)"

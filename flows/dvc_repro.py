@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,19 +110,22 @@ class DvcRepro:
 
     @classmethod
     @contextmanager
-    def start(cls, ws: Workspace, *targets: str) -> Iterator[DvcRepro]:
-        """``dvc repro [targets]`` in ``ws``; stopped with its stage if the caller leaves early."""
+    def start(cls, ws: Workspace, *targets: str, env: Mapping[str, str] | None = None) -> Iterator[DvcRepro]:
+        """``dvc repro [targets]`` in ``ws`` (``env`` added to its environment); stopped with its
+        stage if the caller leaves early."""
         lock_fd = held_lock_fd(ws)
         proc = subprocess.Popen(
             [sys.executable, "-m", "dvc", "repro", *targets],
             cwd=ws.root,
-            env=stage_env(),
+            env={**stage_env(), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
             pass_fds=() if lock_fd is None else (lock_fd,),  # the stages hold the workspace lock too
-            start_new_session=True,  # its own process group: stopped as one when the run is stopped
+            # its own process group: stopped as one when the run is stopped. A run killed with SIGKILL
+            # leaves DVC to finish, holding the workspace lock till then (its stages do not hold it).
+            start_new_session=True,
         )
         repro = cls(ws, proc)
         try:

@@ -8,6 +8,7 @@ the stage and its error.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from flows.prefect_tasks import (
     promote_candidate,
     raise_if_rejected,
 )
+from flows.stage_server import warm_stage_server
 from flows.workspace_lock import workspace_lock
 from tasks.errors import GateRejected
 from tasks.params import Params
@@ -78,8 +80,9 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
         before = _production_version(production_status(ws, params))
         clock = StageClock()
         try:
-            clock.measure("ingest", ingest_data, ws, params)
-            run_dvc_stages(ws, clock)  # prepare, validate, train, evaluate, export, verify
+            with warm_stage_server(ws, warn=log.warning) as stages_env:  # warms up while ingest works
+                clock.measure("ingest", ingest_data, ws, params)
+                run_dvc_stages(ws, clock, stages_env)  # prepare, validate, train, evaluate, export, verify
             clock.measure("promote", promote_candidate, ws, params)
         except GateRejected as exc:
             # The rejection path: evaluate records a failed floor, or a stage exits 3, or promote refuses
@@ -102,15 +105,16 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
     )
 
 
-def run_dvc_stages(ws: Workspace, clock: StageClock) -> None:
+def run_dvc_stages(ws: Workspace, clock: StageClock, env: Mapping[str, str]) -> None:
     """Every dvc.yaml stage, in one ``dvc repro``, one task each as DVC reaches it.
 
-    A candidate that evaluate records as failing the floor does not stop DVC: the remaining stages
-    run as they would under ``dvc repro`` (so dvc.lock is complete and ``dvc exp show`` can compare
-    it), and the rejection is raised once DVC is done, before promotion.
+    ``env`` goes to DVC and its stages (the warm stage server's socket). A candidate that evaluate
+    records as failing the floor does not stop DVC: the remaining stages run as they would under
+    ``dvc repro`` (so dvc.lock is complete and ``dvc exp show`` can compare it), and the rejection
+    is raised once DVC is done, before promotion.
     """
     rejection: GateRejected | None = None
-    with DvcRepro.start(ws) as repro:
+    with DvcRepro.start(ws, env=env) as repro:
         while (stage := repro.next_stage()) is not None:
             try:
                 clock.measure(stage, dvc_stage.with_options(name=stage), repro, stage)

@@ -12,10 +12,8 @@ visionops starts that same server itself, for two reasons:
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,11 +25,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.orphans import stop_with_parent
 from tasks.errors import RuntimeUnavailable
 
 STARTUP_S = 180.0  # s the server may take to start: its first start creates the database
 STOP_S = 10.0  # s it gets to shut down after SIGTERM, then SIGKILL
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # What Prefect 3.9's own temporary server sets (prefect.server.api.server.SubprocessASGIServer):
 # no UI, no background services, a server that is the last of its database.
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -43,18 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _stop_with(parent: int) -> Callable[[], None]:
-    """In the child, before exec: get SIGTERM when ``parent`` dies (Linux; elsewhere a no-op)."""
-
-    def arrange() -> None:
-        if sys.platform == "linux":
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # it died before prctl took effect
-                os._exit(1)
-
-    return arrange
 
 
 class TemporaryServer:
@@ -86,7 +72,7 @@ class TemporaryServer:
             stdout=fd,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C stops the run, which still reports to the server, not the server
-            preexec_fn=_stop_with(os.getpid()),
+            preexec_fn=stop_with_parent(),
         )  # fmt: skip
         os.close(fd)
         server = cls(proc, port, Path(log))

@@ -6,7 +6,9 @@ CLI, each ``dvc``, each ``python -m tasks.<stage>``) records, when it exits, one
 ``$PIPELINE_TAX_RECORDS``: its command line, when the kernel started it, when this probe ran (the
 interpreter's own start-up done), when it exited, every outermost import with its start and
 duration (lazy imports inside functions included), and the windows of the in-process steps
-(``tasks.ingest.ingest``, ``tasks.promote.promote``). It changes no result: it only reads clocks.
+(``tasks.ingest.ingest``, ``tasks.promote.promote``). A forked child (a stage run by the warm stage
+server, tasks/warm_stages.py) records itself from the fork on. It changes no result: it only
+reads clocks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 _RECORDS = os.environ.get("PIPELINE_TAX_RECORDS")
 _WRAPPED_CALLS = {"tasks.ingest": "ingest", "tasks.promote": "promote"}  # module -> function timed in-process
@@ -83,6 +85,21 @@ def _install(path: str) -> None:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def forked() -> None:
+        """A forked child (a warm stage, a worker) is a process of its own: record it from here."""
+        now = time.time()
+        record.update(argv=["<forked>"], forked_from=os.getppid(), pid=os.getpid(), started=now, site=now)
+        record.update(imports=[], calls=[])
+
+    os.register_at_fork(after_in_child=forked)
+    real_exit = os._exit
+
+    def exit_recorded(status: int) -> NoReturn:  # forked children end with os._exit, which skips atexit
+        write()
+        real_exit(status)
+
+    os._exit = exit_recorded
 
 
 if _RECORDS:
