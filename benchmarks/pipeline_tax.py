@@ -157,11 +157,12 @@ def split_steps(steps: dict[str, float], processes: list[Process]) -> tuple[dict
         if (proc := stage_procs.get(step)) is not None:
             # Everything of the step outside the stage's own process is DVC's (its start, hashing, lock).
             split.dvc = max(total - proc.wall, 0.0)
-            child = next((c for c in warm_children if proc.started <= c.started and c.ended <= proc.ended), None)
+            child = next((c for c in warm_children if proc.started <= c.started <= proc.ended), None)
             if child is None:
                 split.start_imports = proc.start_imports
             else:  # handed to the warm server: the stage process's own time, plus what its child imported
-                split.start_imports = (proc.wall - child.wall) + child.import_s()
+                child_wall = min(child.ended, proc.ended) - child.started  # it records its end after reporting
+                split.start_imports = (proc.wall - child_wall) + child.import_s()
                 split.details.append("warm")
         elif step in windows:  # an in-process step: imports it made, and the dvc processes it ran
             for start, end in windows[step]:
@@ -209,6 +210,7 @@ def main() -> None:
         timed([str(VENV_BIN / "prefect"), "server", "database", "upgrade", "-y"], tmp, env)
         probe_env = {**env, "PYTHONPATH": str(PROBE), "PIPELINE_TAX_RECORDS": str(records)}
         wall, proc = timed([str(VENV_BIN / "visionops"), *FLOW_ARGS], ws, probe_env)
+        (tmp / "flow.log").write_text(proc.stdout + proc.stderr)
         torch_s += [python_seconds("import torch", tmp, env) for _ in range(2)]
         noop, repro = timed([str(VENV_BIN / "dvc"), "repro"], ws, env)
         if args.cold_bytecode:

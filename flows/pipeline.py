@@ -45,7 +45,7 @@ class RunSummary:
 
     production_version: int | None
     model_path: str | None
-    stage_seconds: dict[str, float]  # per pipeline step, a DVC stage's own process time
+    stage_seconds: dict[str, float]  # per pipeline step; a DVC stage's from DVC reaching it to reaching the next
     flow_seconds: float  # the whole run, lock wait excluded
 
 
@@ -125,7 +125,7 @@ def run_dvc_stages(ws: Workspace, clock: StageClock, env: Mapping[str, str]) -> 
 
 
 class StageClock:
-    """Wall time per pipeline step; a DVC stage counts its own process time, not Prefect's."""
+    """Wall time per pipeline step; a DVC stage counts its time in DVC (flows/dvc_repro.py), not Prefect's."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

@@ -265,16 +265,18 @@ def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> 
     assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1
 
 
+def _ended_run(overrides: dict[str, object], timeout_s: float) -> FlowRun:
+    """A run of the served deployment, triggered from Python, once it has ended."""
+    triggered = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": overrides}, timeout=0)
+    assert isinstance(triggered, FlowRun)
+    with get_client(sync_client=True) as client:
+        return _wait_final(client, triggered.id, time.monotonic() + timeout_s)
+
+
 @pytest.mark.slow
 def test_a_triggered_run_with_a_typo_fails_naming_the_key_before_touching_anything(served: Served) -> None:
     before = served.ws.params_file.read_bytes()
-    triggered = run_deployment(
-        f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": {"train.epoch": 1}}, timeout=0
-    )
-    assert isinstance(triggered, FlowRun)
-    with get_client(sync_client=True) as client:
-        flow_run = _wait_final(client, triggered.id, time.monotonic() + STARTUP_S)
-    state = flow_run.state
+    state = _ended_run({"train.epoch": 1}, STARTUP_S).state
     assert state is not None and state.type.value == "FAILED"
     assert "unknown key train.epoch" in (state.message or "")
     assert served.ws.params_file.read_bytes() == before
@@ -322,12 +324,7 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(served: 
 @pytest.mark.slow
 def test_a_triggered_run_that_fails_puts_params_yaml_back(served: Served) -> None:
     before = served.ws.params_file.read_bytes()
-    overrides = {"data.source": "/nonexistent/images", "train.epochs": 2}
-    triggered = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": overrides}, timeout=0)
-    assert isinstance(triggered, FlowRun)
-    with get_client(sync_client=True) as client:
-        flow_run = _wait_final(client, triggered.id, time.monotonic() + RUN_S)
-    state = flow_run.state
+    state = _ended_run({"data.source": "/nonexistent/images", "train.epochs": 2}, RUN_S).state
     assert state is not None and state.type.value == "FAILED"
     assert "data source /nonexistent/images not found" in (state.message or "")
     assert served.ws.params_file.read_bytes() == before, "the failed run left its overrides in params.yaml"
@@ -339,12 +336,7 @@ def test_serve_goes_on_running_runs_after_the_server_restarts(served: Served) ->
     served.server = served.restart_server()
     _wait_for("restarted prefect server", lambda: _healthy(served.api_url), served.server, served.serve_log)
     time.sleep(15)  # the runner's cancellation observer polls while its websocket reconnects
-    triggered = run_deployment(
-        f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": {"train.epoch": 1}}, timeout=0
-    )
-    assert isinstance(triggered, FlowRun)
-    with get_client(sync_client=True) as client:
-        flow_run = _wait_final(client, triggered.id, time.monotonic() + STARTUP_S)
-    assert flow_run.state is not None and flow_run.state.type.value == "FAILED"  # picked up and run by serve
-    assert "unknown key train.epoch" in (flow_run.state.message or "")
+    state = _ended_run({"train.epoch": 1}, STARTUP_S).state
+    assert state is not None and state.type.value == "FAILED"  # picked up and run by serve
+    assert "unknown key train.epoch" in (state.message or "")
     assert "cancellation will fail" not in served.serve_log.read_text()
