@@ -208,6 +208,8 @@ def test_dvc_exp_compares_a_weak_and_a_good_setting_and_nothing_unblessed_gets_p
     ws = quickstart.ws
     registry = ws.root / "registry"
     before = file_tree(registry)
+    run(["git", "add", "-A"], ws.root)  # the baseline, committed as a DVC user commits a run's params and lock
+    run(["git", "commit", "-qm", "quickstart"], ws.root)
     # A floor the one-epoch candidate cannot reach: DVC finishes every stage and records the verdict.
     run(["dvc", "exp", "run", "-n", "weak", "-S", "gate.min_accuracy=0.999"], ws.root)
     verdict = json.loads(ws.evaluation_metrics.read_text())["gate"]
@@ -228,3 +230,5 @@ def test_dvc_exp_compares_a_weak_and_a_good_setting_and_nothing_unblessed_gets_p
     assert _table_width(metrics) <= 120, metrics
     table = run(["dvc", "exp", "show", "--no-pager", "--only-changed"], ws.root, env={**os.environ, "COLUMNS": "400"})
     assert _table_width(table.stdout) <= 160, table.stdout
+    columns = next(csv.reader(run(["dvc", "exp", "show", "--no-pager", "--csv"], ws.root).stdout.splitlines()))
+    assert columns.count("accuracy") == 1 and not [c for c in columns if "per_class" in c or "confusion" in c]
