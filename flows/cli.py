@@ -23,7 +23,8 @@ from tasks.paths import Workspace
 if TYPE_CHECKING:
     from prefect.states import State
 
-    from tasks.registry.status import RegistryStatus
+    from tasks.registry.history import HistoryEvent
+    from tasks.registry.status import RegistryAudit, RegistryStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 HISTORY_SHOWN = 5  # history entries `visionops status` prints
@@ -105,11 +106,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tasks.ingest import ingest
+    from tasks.registry import Registry
 
     ws = _workspace(args)
     params = _params(ws)
     with _locked(ws, params, "ingest"):
         result = ingest(params.data, ws, args.source)
+        Registry.open(ws, params.registry).ensure_marker()  # validate's DVC dependency, before `dvc repro`
         if args.source is not None and args.source != params.data.source:
             # data.source records where data/ came from, so the next pipeline run ingests the same.
             params_module.write_overrides(ws.params_file, {"data.source": args.source})
@@ -126,7 +129,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     params = _params(ws)
     with _locked(ws, params, "promote"):
         try:
-            decision = promote(params, ws)
+            decision = promote(params, ws, readmit=args.readmit)
         except GateRejected as exc:
             if (rejected := getattr(exc, "decision", None)) is not None:
                 print(rejected.to_markdown())
@@ -139,9 +142,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from tasks.registry import Registry
 
     ws = _workspace(args)
-    version = Registry.open(ws, _params(ws).registry).rollback(args.to)
-    print(f"production is now version {version}")
+    registry = Registry.open(ws, _params(ws).registry)
+    previous = registry.production_version()
+    version = registry.rollback(args.to, readmit=args.readmit)
+    print(f"production is now version {version}; version {previous} is withdrawn"
+          " (a byte-identical candidate is refused unless promoted with --readmit)")
     return EXIT_OK
+
+
+def _event_line(event: HistoryEvent) -> str:
+    fields = {k: v for k, v in event.to_json().items() if v not in (None, [], {}) and k not in ("files", "seq")}
+    return f"  #{event.seq} " + json.dumps(fields, sort_keys=False)
 
 
 def format_status(status: RegistryStatus) -> str:
@@ -157,10 +168,22 @@ def format_status(status: RegistryStatus) -> str:
             for key, value in fields.items()
             if key not in ("version", "model_path", "metrics") and not isinstance(value, dict | list)
         ]
+    if status.withdrawn:
+        lines.append(f"withdrawn (rolled back): {', '.join(str(v) for v in status.withdrawn)}")
     history = status.history
     if history:
         lines.append(f"history (last {min(len(history), HISTORY_SHOWN)}):")
-        lines += [f"  {json.dumps(entry, sort_keys=True)}" for entry in history[-HISTORY_SHOWN:]]
+        lines += [_event_line(event) for event in history[-HISTORY_SHOWN:]]
+    return "\n".join(lines)
+
+
+def format_audit(audit: RegistryAudit) -> str:
+    lines = [f"registry: {audit.registry} ({audit.events} history events, production: {audit.production})"]
+    lines += [
+        f"  version {v.version:>4}  {v.state:<15} {'ok' if v.ok else 'FAILED'}  {v.detail}" for v in audit.versions
+    ]
+    lines += [f"  problem: {problem}" for problem in audit.problems]
+    lines.append("integrity: ok" if audit.ok else "integrity: FAILED")
     return "\n".join(lines)
 
 
@@ -168,8 +191,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tasks.registry import Registry
 
     ws = _workspace(args)
-    status = Registry.open(ws, _params(ws).registry).status()
+    registry = Registry.open(ws, _params(ws).registry)
+    if args.check:
+        audit = registry.audit()
+        print(json.dumps({**audit.to_json(), "ok": audit.ok}, indent=2) if args.json else format_audit(audit))
+        return EXIT_OK if audit.ok else EXIT_FAILED
+    status = registry.status()
     print(json.dumps(status.to_json(), indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from tasks.registry import Registry
+    from tasks.registry.reproduce import reproduce
+
+    ws = _workspace(args)
+    params = _params(ws)
+    with _locked(ws, params, "reproduce"):
+        result = reproduce(params.registry, ws, args.version)
+        Registry.open(ws, params_module.load(ws.params_file).registry).ensure_marker()
+    for path in result.written:
+        print(f"wrote {path.name} as it was when version {result.version} was built")
+    for path in result.removed:
+        print(f"removed {path.name}: it did not exist when version {result.version} was built")
+    rev = result.git_rev or "unknown"
+    print(f"code: git revision {rev} (`git checkout {rev.removesuffix('-dirty')} -- tasks` for its code)")
+    print("now: dvc pull data.dvc && dvc repro")
     return EXIT_OK
 
 
@@ -232,11 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--source", help="synthetic | cifar10 | class-folder dir, .tar or .zip (path or URL); default data.source"
     )
-    command("promote", cmd_promote, "promote the verified candidate if it passes the gate against production")
-    rollback = command("rollback", cmd_rollback, "move production back")
+    readmit_help = "re-admit a withdrawn (rolled-back) version explicitly"
+    promotion = command(
+        "promote", cmd_promote, "promote the verified candidate if it passes the gate against production"
+    )
+    promotion.add_argument("--readmit", action="store_true", help=readmit_help)
+    rollback = command("rollback", cmd_rollback, "move production back; the version it leaves is withdrawn")
     rollback.add_argument("--to", type=int, metavar="N", help="the version to restore (default: the previous one)")
+    rollback.add_argument("--readmit", action="store_true", help=readmit_help)
     status = command("status", cmd_status, "production version, its metrics and evidence, recent history")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--check", action="store_true", help="audit every version's files against the history")
+    reproduce = command("reproduce", cmd_reproduce, "write back the params.yaml, dvc.lock and data.dvc of version N")
+    reproduce.add_argument("version", type=int, metavar="N")
     predict = command("predict", cmd_predict, "classify images with the production ONNX model")
     predict.add_argument("--json", action="store_true", help="a JSON list of {path, label, probability}")
     predict.add_argument("images", nargs="+", metavar="IMAGE")

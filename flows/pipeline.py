@@ -55,6 +55,13 @@ def production_status(ws: Workspace, params: Params) -> RegistryStatus:
     return Registry.open(ws, params.registry).status()
 
 
+def declare_production(ws: Workspace, params: Params) -> None:
+    """Make sure the registry's production.json exists: validate's DVC dependency (drift)."""
+    from tasks.registry import Registry
+
+    Registry.open(ws, params.registry).ensure_marker()
+
+
 def _production_version(status: RegistryStatus) -> int | None:
     return None if status.production is None else status.production.version
 
@@ -78,6 +85,7 @@ def training_pipeline(overrides: dict[str, Any] | None = None, workspace: str | 
     ):
         started = time.monotonic()  # time waiting for the lock is not the pipeline's
         before = _production_version(production_status(ws, params))
+        declare_production(ws, params)
         clock = StageClock()
         try:
             with warm_stage_server(ws, warn=log.warning) as stages_env:  # warms up while ingest works

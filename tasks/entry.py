@@ -28,6 +28,11 @@ class StageSpec:
     params: tuple[str, ...]  # params.yaml keys it reads (sections or dotted keys), as dvc.yaml lists them
     reads: Callable[[Workspace], list[Path]]  # the data it depends on
     writes: Callable[[Workspace], list[Path]]  # its DVC outputs: outs, metrics and plots
+    # Files it depends on only through some keys (DVC params from another file): a change elsewhere
+    # in them does not re-run it.
+    reads_keys: Callable[[Workspace], dict[Path, tuple[str, ...]]] = lambda ws: {}
+    # Dependencies outside the workspace, as dvc.yaml writes them (DVC templates over params.yaml).
+    external: tuple[str, ...] = ()
 
 
 def configure_logging() -> None:

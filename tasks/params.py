@@ -130,6 +130,8 @@ class RegistryParams:
     model_name: str
     max_batch_size: int
     lock_timeout_s: float
+    lease_s: float  # object stores: how long the lock lease lasts unless renewed
+    require_conditional_writes: bool  # false: promote to a store that cannot lock, unlocked
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("verify.fp16_atol", lambda v: v > 0, "positive"),
     ("registry.max_batch_size", lambda v: v >= 1, "at least 1"),
     ("registry.lock_timeout_s", lambda v: v > 0, "positive"),
+    ("registry.lease_s", lambda v: 1 <= v <= 3600, "between 1 and 3600"),
     ("schedule.lock_timeout_s", lambda v: v >= 0, "non-negative"),
 )
 

@@ -26,7 +26,7 @@ from tasks.data.prepared import PreparedSplit, load_split
 from tasks.entry import run_stage
 from tasks.params import GateParams, Params
 from tasks.paths import Workspace
-from tasks.registry import MODEL_FILE, WEIGHTS_FILE, Registry
+from tasks.registry import MODEL_FILE, WEIGHTS_FILE, ProductionInfo, Registry
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,56 @@ def _refuse(ws: Workspace, decision: PromotionDecision) -> PromotionRejected:
     return PromotionRejected(_decided(ws, decision))
 
 
-def promote(p: Params, ws: Workspace) -> PromotionDecision:
-    """Promote models/candidate.pt + export/model.onnx, or raise `PromotionRejected` (exit 3)."""
+def _admitted(ws: Workspace, registry: Registry, evidence: Evidence, decision: PromotionDecision,
+              readmit: bool) -> tuple[PromotionDecision, list[int]]:
+    """Refuse a candidate byte-identical to a withdrawn (rolled-back) version unless ``readmit``;
+    the decision (noting a re-admission) and the versions it re-admits."""
+    assert evidence.export is not None
+    withdrawn = registry.withdrawn_holding({evidence.export.sha256, evidence.metrics.candidate_sha256})
+    if not withdrawn:
+        return decision, []
+    named = ", ".join(str(v) for v in withdrawn)
+    if not readmit:
+        raise _refuse(ws, replace(
+            decision,
+            production_version=registry.production_version(),
+            summary=f"candidate refused: it is withdrawn version {named}",
+            reasons=[f"the candidate's model is byte-identical to version {named}, withdrawn by a rollback;"
+                     " promote it again only explicitly: `visionops promote --readmit`"],
+        ))
+    return replace(decision, reasons=[*decision.reasons, f"re-admits withdrawn version {named} (--readmit)"]), withdrawn
+
+
+def _against_production(registry: Registry, production: ProductionInfo, split: PreparedSplit,
+                        candidate_correct: np.ndarray, decision: PromotionDecision, gate: GateParams,
+                        batch: int) -> PromotionDecision:
+    """The paired comparison on the same test images; the decision (not yet promoted or refused)."""
+    prod_export = production.card.export
+    production_correct = correct_by_name(
+        _onnx_probabilities(
+            registry.local_file(production.version, MODEL_FILE), images_for_contract(split, prod_export.input), batch
+        ),
+        prod_export.classes,
+        split,
+    )
+    comparison = compare_with_production(candidate_correct, production_correct, gate)
+    return replace(
+        decision,
+        production_version=production.version,
+        production_accuracy=float(production_correct.mean()),
+        comparison=comparison,
+        reasons=[*decision.reasons, comparison.reason],
+        summary=f"candidate promoted over production version {production.version}"
+        if comparison.passed
+        else f"candidate rejected against production version {production.version}",
+    )
+
+
+def promote(p: Params, ws: Workspace, readmit: bool = False) -> PromotionDecision:
+    """Promote models/candidate.pt + export/model.onnx, or raise `PromotionRejected` (exit 3).
+
+    ``readmit``: promote it even if its model is byte-identical to a withdrawn (rolled-back) version.
+    """
     evidence = load_evidence(ws)
     v = evidence.verification
     decision = PromotionDecision(
@@ -123,50 +171,26 @@ def promote(p: Params, ws: Workspace) -> PromotionDecision:
     with registry.lock():
         # Read inside the lock: a promotion that finished while we waited is what we must beat.
         production = registry.production()
+        decision, readmitted = _admitted(ws, registry, evidence, decision, readmit)
         if production is None:
             decision = replace(
                 decision,
                 first_model=True,
                 summary="first model promoted (floor only)",
                 reasons=[
+                    *decision.reasons,
                     f"first model: faced the floor only (accuracy {evidence.metrics.accuracy:.4f}"
-                    f" >= gate.min_accuracy {p.gate.min_accuracy:.4f})"
+                    f" >= gate.min_accuracy {p.gate.min_accuracy:.4f})",
                 ],
             )
         elif production.card.export.sha256 == evidence.export.sha256:
             log.info("candidate is already production version %d; nothing to do", production.version)
-            return _decided(
-                ws,
-                replace(
-                    decision,
-                    production_version=production.version,
-                    summary=f"candidate is already production version {production.version}; nothing to do",
-                ),
-            )
+            summary = f"candidate is already production version {production.version}; nothing to do"
+            return _decided(ws, replace(decision, production_version=production.version, summary=summary))
         else:
-            prod_export = production.card.export
-            production_correct = correct_by_name(
-                _onnx_probabilities(
-                    registry.local_file(production.version, MODEL_FILE),
-                    images_for_contract(split, prod_export.input),
-                    batch,
-                ),
-                prod_export.classes,
-                split,
-            )
-            comparison = compare_with_production(candidate_correct, production_correct, p.gate)
-            decision = replace(
-                decision,
-                production_version=production.version,
-                production_accuracy=float(production_correct.mean()),
-                comparison=comparison,
-                reasons=[comparison.reason],
-                summary=f"candidate promoted over production version {production.version}",
-            )
-            if not comparison.passed:
-                raise _refuse(
-                    ws, replace(decision, summary=f"candidate rejected against production version {production.version}")
-                )
+            decision = _against_production(registry, production, split, candidate_correct, decision, p.gate, batch)
+            if decision.comparison is not None and not decision.comparison.passed:
+                raise _refuse(ws, decision)
         version = registry.next_version()
         decision = replace(
             decision,
@@ -175,16 +199,7 @@ def promote(p: Params, ws: Workspace) -> PromotionDecision:
             summary=decision.summary.replace("promoted", f"promoted as version {version}", 1),
         )
         files = {MODEL_FILE: ws.onnx_model, WEIGHTS_FILE: ws.candidate}
-        registry.publish(
-            files,
-            build_card(ws, p, evidence, decision, version, files),
-            history={
-                "accuracy": decision.candidate_accuracy,
-                "production_accuracy": decision.production_accuracy,
-                "provider_verified": v.provider_active,
-                "decision": decision.summary,
-            },
-        )
+        registry.publish(files, build_card(ws, p, evidence, decision, version, files), readmitted=readmitted)
     if not v.cuda_verified:
         log.warning("version %d was verified on %s: CUDA was NOT verified", version, v.provider_active)
     return _decided(ws, decision)

@@ -83,9 +83,11 @@ SPEC = StageSpec(
     reads=lambda ws: [
         *(path for split in SPLITS for path in (ws.images(split), ws.labels(split))),
         ws.classes,
-        ws.validation,
     ],
     writes=lambda ws: [ws.candidate, ws.train_summary, ws.train_history],
+    # Only the verdict: the drift details in it change with production (a promotion re-runs
+    # validate), and must not re-run training on the same data.
+    reads_keys=lambda ws: {ws.validation: ("success",)},
 )
 
 

@@ -132,6 +132,9 @@ SPEC = StageSpec(
         *(path for split in SPLITS for path in (ws.images(split), ws.labels(split))),
     ],
     writes=lambda ws: [ws.data_docs, ws.validation],
+    # The registry's production.json names the production version: drift is measured against its
+    # data, so a promotion or rollback re-runs validate (a local path, or an S3 URL DVC checks by ETag).
+    external=("${registry.uri}/${registry.model_name}/production.json",),
 )
 
 

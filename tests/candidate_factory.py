@@ -114,8 +114,10 @@ def tiny_candidate(ws: Workspace, seed: int = 0, k: int = 3, size: int = 8, n_te
     write_split(ws, rng.integers(0, 256, (n_test, 3, size, size), dtype=np.uint8), rng.integers(0, k, n_test), classes)
 
 
-def pixel_reader_onnx(path: Path, k: int, channels: int, size: int, read_channel: int) -> None:
-    """ONNX: uint8 (N, C, S, S) -> softmax of pixels [read_channel, 0, 0:k] (scaled) as (N, k)."""
+def pixel_reader_onnx(path: Path, k: int, channels: int, size: int, read_channel: int, salt: str = "") -> None:
+    """ONNX: uint8 (N, C, S, S) -> softmax of pixels [read_channel, 0, 0:k] (scaled) as (N, k).
+
+    ``salt`` changes the file's bytes (its doc string), not its answers."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -144,6 +146,7 @@ def pixel_reader_onnx(path: Path, k: int, channels: int, size: int, read_channel
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
+    model.doc_string = salt
     onnx.checker.check_model(model, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
@@ -255,22 +258,50 @@ def pixel_reader_candidate(
     provider: str = "cpu",
     gate_passed: bool = True,
     weights_bytes: int = 1024,
+    salt: str = "",
 ) -> None:
     """A complete, consistent candidate: candidate.pt (opaque bytes), model.onnx and every report.
 
-    The test split (write it first with `write_split`) decides what the ONNX model answers.
+    The test split (write it first with `write_split`) decides what the ONNX model answers;
+    ``salt`` makes both files' bytes differ from another candidate's with the same answers.
     """
     split_channels = int(np.load(ws.images("test"), mmap_mode="r").shape[1])
     size = int(np.load(ws.images("test"), mmap_mode="r").shape[2])
     classes = json.loads(ws.classes.read_text())
     ws.models.mkdir(parents=True, exist_ok=True)
-    ws.candidate.write_bytes(np.random.default_rng(read_channel).bytes(weights_bytes))
-    pixel_reader_onnx(ws.onnx_model, len(classes), split_channels, size, read_channel)
+    ws.candidate.write_bytes(np.random.default_rng(read_channel).bytes(weights_bytes) + salt.encode())
+    pixel_reader_onnx(ws.onnx_model, len(classes), split_channels, size, read_channel, salt)
     contract = export_contract(ws.onnx_model, ws.candidate, classes, split_channels, size)
     contract.write(ws.export_report)
     metrics_report(accuracy, contract.candidate_sha256, classes, gate_passed).write(ws.metrics)
     verification_report(contract, provider).write(ws.verification)
     validation_report().write(ws.validation)
+
+
+N_TEST = 60  # images of the promotion tests' split
+
+
+def make_ws(root: Path, registry: Path | str, **overrides: Any) -> Workspace:
+    """A promotion workspace (params.yaml only) on the registry at ``registry`` (a folder or a URL)."""
+    ws = Workspace(root)
+    write_params(
+        ws,
+        {
+            "registry.uri": str(registry),
+            "registry.model_name": "clf",
+            "promote.require_provider": "cpu",
+            "registry.max_batch_size": 16,
+            **overrides,
+        },
+    )
+    return ws
+
+
+def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
+    """Channel c's reader gets the first right[c] of N_TEST images right (nested sets: a superset is better)."""
+    labels = np.random.default_rng(0).integers(0, 3, N_TEST)
+    answers = [answers_for(labels, np.arange(N_TEST) < r, 3) for r in right]
+    write_split(ws, answers_images(answers, 3), labels, CLASSES3)
 
 
 def make_card(
@@ -319,12 +350,14 @@ def publish_pixel_reader(
     size: int = 4,
     accuracy: float = 0.5,
     profile: DataProfile | None = None,
+    weights_bytes: int = 0,
 ) -> int:
-    """Publish a pixel-reader model (files written under ``src``) as the next production version."""
+    """Publish a pixel-reader model (files written under ``src``) as the next production version;
+    its weights.pt says "weights of <src name>", followed by ``weights_bytes`` zero bytes."""
     pixel_reader_onnx(src / "model.onnx", len(classes), channels, size, read_channel)
-    (src / "weights.pt").write_bytes(f"weights of {src.name}".encode())
+    (src / "weights.pt").write_bytes(f"weights of {src.name}".encode() + bytes(weights_bytes))
     files = {"model.onnx": src / "model.onnx", "weights.pt": src / "weights.pt"}
     export = export_contract(src / "model.onnx", src / "weights.pt", classes, channels, size)
     with registry.lock():
         card = make_card(registry.next_version(), registry.model_name, files, export, accuracy, profile)
-        return registry.publish(files, card, history={"decision": f"test {src.name}"})
+        return registry.publish(files, card)

@@ -11,11 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tasks.paths import Workspace
+
+from s3_server import S3_CLIENT, S3Server
 
 PROJECT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -113,3 +118,47 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A fresh bucket on the test S3 server; ``env`` is what clients need (also set in os.environ)."""
+
+    name: str
+    endpoint: str
+    env: dict[str, str]
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.name}", *parts])
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix`` (key relative to it -> bytes), read with boto3, not with visionops."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **S3_CLIENT)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {key.removeprefix(prefix): client.get_object(Bucket=self.name, Key=key)["Body"].read() for key in keys}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One real S3 API server (moto, in a child process on 127.0.0.1) for the whole session."""
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Bucket:
+    """A new bucket, with the endpoint and dummy credentials in the environment for every client:
+    s3fs in this process, and DVC or visionops in child processes."""
+    name = f"visionops-{uuid.uuid4().hex[:12]}"
+    s3_server.make_bucket(name)
+    env = s3_server.client_env(tmp_path / "aws")
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return S3Bucket(name, s3_server.endpoint, env)

@@ -17,7 +17,9 @@ from flows.prefect_tasks import REJECTED
 from tasks.errors import VisionopsError
 from tasks.params import load
 from tasks.paths import Workspace
+from tasks.registry import Registry
 
+from candidate_factory import publish_pixel_reader
 from conftest import PROJECT, run
 
 
@@ -136,7 +138,7 @@ def test_the_console_script_is_installed_and_reports_usage_errors(tmp_path: Path
     proc = run(["visionops", "--workspace", str(tmp_path), "run", "--nope"], tmp_path, check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --nope" in proc.stderr
     proc = run(["visionops", "--help"], tmp_path)
-    for command in ("quickstart", "run", "ingest", "promote", "rollback", "status", "predict", "serve"):
+    for command in ("quickstart", "run", "ingest", "promote", "rollback", "status", "predict", "serve", "reproduce"):
         assert command in proc.stdout
 
 
@@ -155,3 +157,54 @@ def test_ingest_from_a_class_folder_versions_it_and_records_the_source(workspace
     assert (workspace.root / "data.dvc").is_file() and workspace.raw_split("train").is_file()
     again = run(["visionops", "ingest"], workspace.root)
     assert "unchanged" in again.stdout and "params.yaml" not in again.stdout
+
+
+def _registry_with_versions(ws: Path, n: int) -> Registry:
+    registry = Registry.open(Workspace(ws), load(ws / "params.yaml").registry)
+    for tag in range(1, n + 1):
+        publish_pixel_reader(registry, ws / f"candidate{tag}", tag % 3)
+    return registry
+
+
+def test_status_shows_integrity_and_check_audits_every_version(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = _registry_with_versions(ws, 2)
+    assert _main(ws, "status") == 0
+    assert "integrity: 4 files match the sha256 recorded in history event 2" in capsys.readouterr().out
+    assert _main(ws, "status", "--check") == 0
+    assert capsys.readouterr().out.rstrip().endswith("integrity: ok")
+    weights = Path(registry.location) / "1" / "weights.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert _main(ws, "status") == 0  # production (version 2) is intact
+    capsys.readouterr()
+    assert _main(ws, "status", "--check") == 1
+    out = capsys.readouterr().out
+    assert "version    1  activated       FAILED  version 1: " in out and "1/weights.pt does not match" in out
+    assert "version    2  production      ok" in out and out.rstrip().endswith("integrity: FAILED")
+    assert _main(ws, "status", "--check", "--json") == 1
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["ok"] is False and [v["ok"] for v in audit["versions"]] == [False, True]
+    model = Path(registry.location) / "2" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1])
+    assert _main(ws, "status") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("visionops: error: version 2: ") and "2/model.onnx does not match" in err
+    assert err.count("\n") == 1
+
+
+def test_rollback_names_the_withdrawn_version(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _registry_with_versions(ws, 2)
+    assert _main(ws, "rollback") == 0
+    assert "production is now version 1; version 2 is withdrawn" in capsys.readouterr().out
+    assert _main(ws, "rollback", "--to", "2") == 1
+    assert "--to 2 --readmit" in capsys.readouterr().err
+    assert _main(ws, "rollback", "--to", "2", "--readmit") == 0
+
+
+def test_reproduce_of_a_version_that_was_never_production_exits_1_and_writes_nothing(
+    ws: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _registry_with_versions(ws, 1)
+    before = (ws / "params.yaml").read_bytes()
+    assert _main(ws, "reproduce", "7") == 1
+    assert "version 7 of" in capsys.readouterr().err
+    assert (ws / "params.yaml").read_bytes() == before and not (ws / "dvc.lock").exists()

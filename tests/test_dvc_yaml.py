@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import re
 import typing
 from pathlib import Path
 
@@ -144,15 +145,40 @@ def test_the_closure_follows_lazy_imports() -> None:
 def test_data_deps_and_outputs_are_what_the_stage_declares(stage: str) -> None:
     spec, declared = STAGES[stage], _spec(stage)
     data_deps = {d for d in spec["deps"] if not d.startswith("tasks/")}
-    assert data_deps == _relative(declared.reads(WS))
+    assert data_deps == _relative(declared.reads(WS)) | set(declared.external)
     outputs = {path for kind in ("outs", "metrics", "plots") for path in _names(spec.get(kind, []))}
     assert outputs == _relative(declared.writes(WS))
+
+
+def _render(template: str, p: params.Params) -> str:
+    """A dvc.yaml template (``${section.key}``) with params.yaml's values, as DVC renders it."""
+    def value(match: re.Match[str]) -> str:
+        node: object = p
+        for part in match.group(1).split("."):
+            node = getattr(node, part)
+        return str(node)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, template)
+
+
+def test_validate_depends_on_the_file_where_the_registry_names_production() -> None:
+    from tasks.registry import MARKER, Registry
+
+    p = params.load(PROJECT / "params.yaml")
+    (template,) = _spec("validate").external
+    registry = Registry.open(WS, p.registry)
+    assert Path(_render(template, p)) == Path(registry.store.path(p.registry.model_name, MARKER)).relative_to("/ws")
+    # the template reads exactly the params validate declares, so a change of them re-renders it
+    assert set(re.findall(r"\$\{([\w.]+)\}", template)) <= set(_spec("validate").params)
 
 
 @pytest.mark.parametrize("stage", EXPECTED_ORDER)
 def test_params_are_what_the_stage_declares_and_reads(stage: str) -> None:
     declared = _spec(stage)
-    assert STAGES[stage].get("params", []) == list(declared.params)
+    listed = STAGES[stage].get("params", [])
+    assert [key for key in listed if isinstance(key, str)] == list(declared.params)
+    from_files = {path: tuple(keys) for entry in listed if isinstance(entry, dict) for path, keys in entry.items()}
+    assert from_files == {p.relative_to("/ws").as_posix(): keys for p, keys in declared.reads_keys(WS).items()}
     p = params.load(PROJECT / "params.yaml")
     for key in declared.params:
         node = p

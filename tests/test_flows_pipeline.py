@@ -140,7 +140,8 @@ def test_a_floor_evaluate_recorded_as_failed_lets_dvc_finish_then_ends_rejected_
     assert (state.message or "").endswith("(production unchanged: none yet)")
     assert _steps(workspace) == STAGES, "DVC did not finish the stages after evaluate, as `dvc repro` would"
     assert _task_names(state) == ["ingest", *STAGES]
-    assert not (workspace.root / "registry").exists()
+    registry = Registry.open(workspace, load(workspace.params_file).registry)
+    assert registry.production() is None and registry.events().events == [], "an unblessed candidate was promoted"
 
 
 def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspace: Workspace) -> None:
@@ -153,5 +154,8 @@ def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspa
     assert str(error) == "stage 'validate' failed: ValidationFailed: 1 expectation failed"
     assert _steps(workspace) == ["prepare", "validate"]
     assert _task_names(state) == ["ingest", "prepare", "validate"]
-    assert not (workspace.root / "registry").exists()
+    # Nothing was promoted; the registry holds only production.json ("none yet"), validate's DVC dependency.
+    registry = Registry.open(workspace, load(workspace.params_file).registry)
+    assert registry.production() is None and registry.events().events == []
+    assert sorted(p.name for p in (workspace.root / "registry").rglob("*") if p.is_file()) == ["production.json"]
     assert workspace.params_file.read_bytes() == before, "a failed run left its overrides in params.yaml"

@@ -1,5 +1,5 @@
 """End to end: `visionops quickstart` in a fresh git+DVC repo on Prefect's test harness, then the
-promoted model in onnxruntime, `dvc repro` as a no-op, a gate rejection that changes nothing, the
+promoted model in onnxruntime, `dvc repro` re-checking drift only, a gate rejection that changes nothing, the
 HTML reports in a headless browser with no network, and `dvc exp run` comparing a weak and a good
 setting while the flow and `visionops promote` refuse the weak one."""
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.testing.utilities import prefect_test_harness
@@ -33,7 +34,9 @@ from flows.artifacts import (
     VERIFICATION_KEY,
 )
 from flows.cli import main
+from tasks import params as params_module
 from tasks.paths import Workspace
+from tasks.registry import Registry
 
 from conftest import PROJECT, copy_workspace, file_tree, run
 from prefect_queries import artifact_keys, task_runs
@@ -113,13 +116,23 @@ def test_the_production_model_gives_one_score_per_class_for_any_batch(quickstart
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_dvc_repro_after_the_flow_has_nothing_to_do(quickstart: Quickstart) -> None:
+def test_dvc_repro_after_the_flow_rechecks_drift_against_the_new_production_and_retrains_nothing(
+    quickstart: Quickstart,
+) -> None:
     lock = quickstart.ws.root / "dvc.lock"
-    before = lock.read_bytes()
-    started = time.monotonic()
+    before = yaml.safe_load(lock.read_text())["stages"]
+    assert not json.loads(quickstart.ws.validation.read_text())["drift"]["checked"]  # no production then
+    # The flow promoted version 1 after validate ran: production (validate's drift baseline) changed.
     proc = run(["dvc", "repro"], quickstart.ws.root)
-    assert "Data and pipelines are up to date." in proc.stdout, proc.stdout
-    assert lock.read_bytes() == before
+    assert "Running stage 'validate'" in proc.stdout, proc.stdout
+    for stage in STAGES[2:]:
+        assert f"Stage '{stage}' didn't change, skipping" in proc.stdout, proc.stdout
+    after = yaml.safe_load(lock.read_text())["stages"]
+    assert {s: after[s] for s in STAGES if s != "validate"} == {s: before[s] for s in STAGES if s != "validate"}
+    assert json.loads(quickstart.ws.validation.read_text())["drift"]["checked"]
+    started = time.monotonic()
+    again = run(["dvc", "repro"], quickstart.ws.root)
+    assert "Data and pipelines are up to date." in again.stdout, again.stdout
     assert time.monotonic() - started < 30
     dag = run(["dvc", "dag"], quickstart.ws.root).stdout
     for node in ("data.dvc", *STAGES):
@@ -232,3 +245,39 @@ def test_dvc_exp_compares_a_weak_and_a_good_setting_and_nothing_unblessed_gets_p
     assert _table_width(table.stdout) <= 160, table.stdout
     columns = next(csv.reader(run(["dvc", "exp", "show", "--no-pager", "--csv"], ws.root).stdout.splitlines()))
     assert columns.count("accuracy") == 1 and not [c for c in columns if "per_class" in c or "confusion" in c]
+
+
+def test_reproduce_in_a_fresh_clone_rebuilds_version_1_with_the_same_weights(
+    quickstart: Quickstart, tmp_path: Path
+) -> None:
+    from tasks.training.candidate import load_candidate
+
+    ws = quickstart.ws
+    # The workspace moves on: other settings, a new data version, and the registry named by an
+    # absolute path, as a registry shared between clones is; all of it committed.
+    params = params_module.write_overrides(ws.params_file, {
+        "train.seed": 7, "data.seed": 3, "registry.uri": str(ws.root / "registry"),
+    })
+    assert main(["--workspace", str(ws.root), "ingest"]) == 0  # a second data version, pushed
+    run(["git", "add", "-A"], ws.root)
+    run(["git", "commit", "-qm", "other settings and data"], ws.root)
+    card = Registry.open(ws, params.registry).card(1)
+    assert card.built_from is not None
+    built = {name: text.encode() for name, text in card.built_from.texts().items() if text is not None}
+    assert set(built) == {"params.yaml", "dvc.lock", "data.dvc"}
+    assert all((ws.root / name).read_bytes() != data for name, data in built.items())
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(ws.root), str(clone)], tmp_path)
+    out = run(["visionops", "--workspace", str(clone), "reproduce", "1"], clone).stdout
+    assert "now: dvc pull data.dvc && dvc repro" in out
+    assert {name: (clone / name).read_bytes() for name in built} == built
+    run(["dvc", "pull", "data.dvc"], clone)
+    rebuild = run(["dvc", "repro", "train"], clone).stdout  # through train: the weights are the claim
+    assert "Running stage 'train'" in rebuild  # trained again: a fresh clone has no cached candidate
+
+    registry_weights = ws.root / "registry" / "visionops-classifier" / "1" / "weights.pt"
+    rebuilt = load_candidate(clone / "models" / "candidate.pt").state_dict
+    promoted = load_candidate(registry_weights).state_dict
+    assert rebuilt.keys() == promoted.keys()
+    assert all(bool((rebuilt[k] == promoted[k]).all()) for k in promoted), "version 1 rebuilt with other weights"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from tasks.errors import DataError, RegistryError
 from tasks.params import Params
 from tasks.paths import Workspace
 from tasks.predict import predict
-from tasks.registry import Registry
+from tasks.registry import IntegrityError, Registry
 
 from candidate_factory import publish_pixel_reader, write_params
 
@@ -57,3 +58,23 @@ def test_without_production_says_what_to_do(tmp_path: Path) -> None:
     p = write_params(Workspace(tmp_path), {"registry.uri": str(tmp_path / "r")})
     with pytest.raises(RegistryError, match="no production model"):
         predict(p.registry, Workspace(tmp_path), [_png(tmp_path / "x.png", 0)])
+
+
+def test_a_flipped_byte_in_the_production_model_is_not_served(tmp_path: Path) -> None:
+    ws, p = _setup(tmp_path, 3)
+    model = tmp_path / "registry" / "clf" / "1" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"version 1: .*1/model.onnx does not match the sha256"):
+        predict(p.registry, ws, [_png(tmp_path / "x.png", 0)])
+
+
+def test_classes_reordered_in_the_card_are_not_used(tmp_path: Path) -> None:
+    ws, p = _setup(tmp_path, 3)
+    card = tmp_path / "registry" / "clf" / "1" / "card.json"
+    raw = json.loads(card.read_text())
+    raw["classes"] = list(reversed(raw["classes"]))
+    card.write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match=r"version 1: .*1/card.json does not match"):
+        predict(p.registry, ws, [_png(tmp_path / "x.png", 0)])

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,43 +24,18 @@ from tasks.errors import DataError
 from tasks.export import input_contract
 from tasks.paths import Workspace
 from tasks.promote import images_for_contract, promote
-from tasks.registry import Registry
+from tasks.registry import IntegrityError, Registry
 
 from candidate_factory import (
     CLASSES3,
-    answers_for,
-    answers_images,
+    make_ws,
+    nested_split,
     pixel_reader_candidate,
     pixel_reader_onnx,
     run_stage,
     stage_command,
-    write_params,
     write_split,
 )
-
-N = 60
-
-
-def make_ws(root: Path, registry: Path, **overrides: Any) -> Workspace:
-    ws = Workspace(root)
-    write_params(
-        ws,
-        {
-            "registry.uri": str(registry),
-            "registry.model_name": "clf",
-            "promote.require_provider": "cpu",
-            "registry.max_batch_size": 16,
-            **overrides,
-        },
-    )
-    return ws
-
-
-def nested_split(ws: Workspace, right: tuple[int, int, int]) -> None:
-    """Channel c's reader gets the first right[c] of N images right (nested sets: a superset is better)."""
-    labels = np.random.default_rng(0).integers(0, 3, N)
-    answers = [answers_for(labels, np.arange(N) < r, 3) for r in right]
-    write_split(ws, answers_images(answers, 3), labels, CLASSES3)
 
 
 def tree_bytes(root: Path) -> dict[str, str]:
@@ -178,14 +152,14 @@ def test_two_promotions_in_two_processes_serialise_and_the_second_rechecks(tmp_p
         assert all(p.poll() is None for p in procs.values()), "a promotion did not wait for the lock"
     results = {name: (p.wait(timeout=120), p.communicate()[1]) for name, p in procs.items()}
     assert results["a"][0] == 0, results["a"][1]
-    history = [e for e in registry.history() if e["event"] == "promote"]
+    history = [e for e in registry.events().events if e.event == "promote"]
     if results["b"][0] == 3:  # A won the race: B was re-checked against A and lost
         assert "rejected against production version 2" in results["b"][1]
-        assert [e["version"] for e in history] == [1, 2]
+        assert [e.version for e in history] == [1, 2]
     else:  # B won: A was compared with B (the new production), and still won
         assert results["b"][0] == 0, results["b"][1]
-        assert [(e["version"], e["previous"]) for e in history] == [(1, None), (2, 1), (3, 2)]
-        assert history[-1]["production_accuracy"] == pytest.approx(0.7)
+        assert [(e.version, e.previous) for e in history] == [(1, None), (2, 1), (3, 2)]
+        assert history[-1].production_accuracy == pytest.approx(0.7)
     production = registry.production()
     assert production is not None
     assert production.card.export.sha256 == ExportReport.read(a.export_report, "export").sha256
@@ -225,18 +199,69 @@ def test_kill_9_during_promotion_leaves_a_readable_registry(tmp_path: Path) -> N
     import onnxruntime as ort
 
     ort.InferenceSession(production.model_path, providers=["CPUExecutionProvider"])
-    # The lock died with the process; the next promotion cleans up and proceeds.
+    # Version 2 is a rollback target only if its promote event was written before the kill.
+    recorded = registry.events().published(2) is not None
+    assert registry.versions() == ([1, 2] if recorded else [1])
+    # The lock died with the process; the next promotion cleans up (or completes version 2) and proceeds.
     decision = promote(p, ws)
     assert decision.promoted or "already production" in decision.summary
     assert not list(model_dir.glob(".staging-*"))
+    assert set(registry.store.numeric_dirs(str(model_dir))) == set(registry.versions())  # no leftovers
+    assert registry.audit().ok
     after = registry.production()
     assert after is not None and after.card.export.sha256 == ExportReport.read(ws.export_report, "export").sha256
+
+
+def _first_promotion(tmp_path: Path) -> tuple[Workspace, params_mod.Params, Path]:
+    """Version 1 (reads channel 0, 30 of 60 right) in a registry under ``tmp_path``."""
+    registry_dir = tmp_path / "registry"
+    ws = make_ws(tmp_path / "ws", registry_dir)
+    nested_split(ws, right=(30, 60, 30))
+    p = params_mod.load(ws.params_file)
+    pixel_reader_candidate(ws, read_channel=0)
+    promote(p, ws)
+    return ws, p, registry_dir
+
+
+def test_a_rolled_back_model_is_refused_naming_its_version_until_readmitted(tmp_path: Path) -> None:
+    ws, p, registry_dir = _first_promotion(tmp_path)
+    pixel_reader_candidate(ws, read_channel=1)
+    assert promote(p, ws).version == 2
+    registry = Registry.open(ws, p.registry)
+    assert registry.rollback() == 1
+    # The next run trains the byte-identical model again: it must not come back as version 3.
+    before = tree_bytes(registry_dir)
+    with pytest.raises(PromotionRejected, match=r"it is withdrawn version 2: .* --readmit") as info:
+        promote(p, ws)
+    assert info.value.exit_code == 3 and tree_bytes(registry_dir) == before
+    assert registry.status().withdrawn == [2]
+    readmitted = promote(p, ws, readmit=True)
+    assert readmitted.promoted and readmitted.version == 3
+    assert any("re-admits withdrawn version 2" in r for r in readmitted.reasons)
+    last = registry.events().events[-1]
+    assert (last.event, last.version, last.readmitted) == ("promote", 3, [2])
+    assert registry.status().withdrawn == []
+
+
+def test_a_corrupt_production_model_stops_promotion_with_a_named_error(tmp_path: Path) -> None:
+    ws, p, registry_dir = _first_promotion(tmp_path)
+    model = registry_dir / "clf" / "1" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-5] ^= 0x10  # a flipped bit: a baseline that scores differently, or not at all
+    model.write_bytes(bytes(data))
+    pixel_reader_candidate(ws, read_channel=1)
+    before = tree_bytes(registry_dir)
+    with pytest.raises(IntegrityError, match=r"version 1: .*1/model.onnx does not match the sha256") as info:
+        promote(p, ws)
+    assert info.value.exit_code == 1
+    assert tree_bytes(registry_dir) == before
 
 
 @pytest.mark.integration
 def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     ws = make_ws(workspace.root, tmp_path / "registry")
     (ws.root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    (ws.root / "dvc.lock").write_text("schema: '2.0'\nstages: {}  # as dvc repro left it\n")
     nested_split(ws, right=(50, 50, 50))
     pixel_reader_candidate(ws, read_channel=0)
     decision = promote(params_mod.load(ws.params_file), ws)
@@ -253,6 +278,11 @@ def test_card_holds_the_evidence(workspace: Workspace, tmp_path: Path) -> None:
     assert card.verification.provider_active == "cpu" and card.verification.cuda_verified is False
     assert card.export.input.dtype == "uint8" and card.classes == CLASSES3
     assert (version_dir / "weights.pt").read_bytes() == ws.candidate.read_bytes()
+    # Exact copies of what built it, uncommitted edits included (the git rev alone says "-dirty").
+    assert card.built_from is not None
+    assert {name: text.encode() if text else None for name, text in card.built_from.texts().items()} == {
+        name: (ws.root / name).read_bytes() for name in ("params.yaml", "dvc.lock", "data.dvc")
+    }
 
 
 def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None:

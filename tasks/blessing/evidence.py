@@ -79,8 +79,41 @@ class CardData(Record):
 
 
 @dataclass(frozen=True)
+class BuiltFrom(Record):
+    """params.yaml, dvc.lock and data.dvc byte for byte as they were when the version was promoted
+    (None: the file did not exist): `visionops reproduce N` writes them back."""
+
+    params_yaml: str
+    dvc_lock: str | None
+    data_dvc: str | None
+
+    FILES = ("params.yaml", "dvc.lock", "data.dvc")
+
+    @classmethod
+    def of_workspace(cls, root: Path) -> BuiltFrom:
+        texts = []
+        for name in cls.FILES:
+            path = root / name
+            try:
+                texts.append(path.read_bytes().decode("utf-8") if path.is_file() else None)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text ({exc}): the card keeps it as text") from exc
+        params_yaml, dvc_lock, data_dvc = texts
+        if params_yaml is None:
+            raise DataError(f"{root / 'params.yaml'} not found")
+        return cls(params_yaml, dvc_lock, data_dvc)
+
+    def texts(self) -> dict[str, str | None]:
+        """File name -> its text (None: it did not exist)."""
+        return dict(zip(self.FILES, (self.params_yaml, self.dvc_lock, self.data_dvc), strict=True))
+
+
+@dataclass(frozen=True)
 class Card(Record):
-    """card.json of one registry version: the evidence it was promoted on, as it was."""
+    """card.json of one registry version: the evidence it was promoted on, as it was.
+
+    Fields added later have defaults, so cards written before them stay readable.
+    """
 
     version: int
     model_name: str
@@ -96,6 +129,7 @@ class Card(Record):
     export: ExportReport
     verification: VerificationReport
     gate: PromotionDecision
+    built_from: BuiltFrom | None = None  # None on cards written before it existed
 
 
 def git_rev(root: Path) -> str | None:
@@ -147,4 +181,5 @@ def build_card(
         export=evidence.export,
         verification=evidence.verification,
         gate=decision,
+        built_from=BuiltFrom.of_workspace(ws.root),
     )

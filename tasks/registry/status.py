@@ -1,13 +1,15 @@
-"""What `visionops status --json` prints: the production version with its evidence, and recent history."""
+"""What `visionops status` prints (production with its evidence, recent history) and what
+`visionops status --check` finds (every version's files against the history)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 from tasks.blessing.evidence import Card
 from tasks.blessing.reports import InputContract
 from tasks.fs.records import Record
+from tasks.registry.history import HistoryEvent
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,10 @@ class ProductionStatus(Record):
     gate: str  # the promotion decision's summary
     git_rev: str | None
     data_md5: str | None
+    integrity: str = "not checked"  # what was checked against the history when this was read
 
     @classmethod
-    def of(cls, card: Card, model_path: str) -> ProductionStatus:
+    def of(cls, card: Card, model_path: str, integrity: str) -> ProductionStatus:
         return cls(
             version=card.version,
             model_path=model_path,
@@ -45,6 +48,7 @@ class ProductionStatus(Record):
             gate=card.gate.summary,
             git_rev=card.git_rev,
             data_md5=card.data.md5,
+            integrity=integrity,
         )
 
 
@@ -52,4 +56,40 @@ class ProductionStatus(Record):
 class RegistryStatus(Record):
     registry: str  # where the registry is (local path or URL of the model's folder)
     production: ProductionStatus | None  # None before the first promotion
-    history: list[dict[str, Any]]  # the most recent events, oldest first
+    history: list[HistoryEvent]  # the most recent events, oldest first
+    withdrawn: list[int] = field(default_factory=list)  # rolled back, not promoted again unless re-admitted
+
+
+@dataclass(frozen=True)
+class ProductionMarker(Record):
+    """<model>/production.json: names the production version; validate's DVC dependency, so
+    `dvc repro` and the flow re-run validate (drift against production) when production changes."""
+
+    version: int | None
+    model_sha256: str | None
+
+
+VersionState = Literal["production", "activated", "withdrawn", "never activated"]
+
+
+@dataclass(frozen=True)
+class VersionAudit(Record):
+    version: int
+    state: VersionState
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class RegistryAudit(Record):
+    """`visionops status --check`: every version's files against the sha256 the history recorded."""
+
+    registry: str
+    events: int
+    production: int | None
+    versions: list[VersionAudit]
+    problems: list[str]  # registry-wide: the pointer against the history, the labels pairing
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(v.ok for v in self.versions)
