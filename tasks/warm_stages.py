@@ -115,29 +115,36 @@ def hand_over() -> None:
     if not path or module is None:
         return
     fds = _inherited_fds()
+    forwarded: list[int] = []  # signals this process got: the child's once it has one
+    child: int | None = None
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        forwarded.append(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signum)  # the stage and any workers it started
+
+    previous = {sig: signal.getsignal(sig) for sig in _FORWARDED}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
         env = {k: v for k, v in os.environ.items() if k != SERVER_ENV}
+        for sig in _FORWARDED:
+            signal.signal(sig, forward)
         _send(conn, {"module": module, "cwd": os.getcwd(), "env": env, "fds": fds}, fds)
         started, _ = _receive(conn)
     except OSError:
-        conn.close()
-        return
+        started = None
     if started is None or not isinstance(started.get("pid"), int):
         conn.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if forwarded:  # a signal that came meanwhile is this process's own again
+            os.kill(os.getpid(), forwarded[-1])
         return
     child = int(started["pid"])  # type: ignore[call-overload]
-
-    forwarded: list[int] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        forwarded.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child, signum)  # the stage and any workers it started
-
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
+    if forwarded:  # a signal came while the server forked it
+        forward(forwarded[-1], None)
     ended, _ = _receive(conn)
     status = ended.get("status") if ended is not None else None
     if isinstance(status, int):
