@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from candidate_factory import (
     publish_pixel_reader,
     stage_command,
 )
-from conftest import PROJECT, S3Bucket, run
+from conftest import PROJECT, S3_CLIENT, S3Bucket, run
 
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parent
@@ -166,6 +167,29 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+class LockWatcher(threading.Thread):
+    """Reads the lock object with boto3 every 20 ms: when each ETag was first and last seen."""
+
+    def __init__(self, bucket: S3Bucket, key: str) -> None:
+        super().__init__(daemon=True)
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=bucket.endpoint, **S3_CLIENT)
+        self.bucket, self.key = bucket.name, key
+        self.seen: dict[str, tuple[float, float, str]] = {}  # ETag -> (first seen, last seen, holder)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.02):
+            try:
+                got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            except self.client.exceptions.NoSuchKey:
+                continue
+            now, holder = time.monotonic(), json.loads(got["Body"].read())["holder"]
+            first = self.seen.get(got["ETag"], (now, now, holder))[0]
+            self.seen[got["ETag"]] = (first, now, holder)
+
+
 def test_a_killed_lock_holder_blocks_promotion_only_until_its_lease_expires(
     s3_bucket: S3Bucket, tmp_path: Path
 ) -> None:
@@ -173,8 +197,10 @@ def test_a_killed_lock_holder_blocks_promotion_only_until_its_lease_expires(
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, uri, str(LEASE_S), str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True
     )
+    watcher = LockWatcher(s3_bucket, "models/clf/.lock")
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        watcher.start()
         ws = make_ws(tmp_path / "ws", uri, **{"registry.lease_s": LEASE_S, "registry.lock_timeout_s": 120})
         nested_split(ws, right=(40, 40, 40))
         pixel_reader_candidate(ws, read_channel=0)
@@ -183,15 +209,22 @@ def test_a_killed_lock_holder_blocks_promotion_only_until_its_lease_expires(
         time.sleep(4 * LEASE_S)  # four leases: the holder renews its lease, so the promotion must wait
         assert promoter.poll() is None, "the promotion took the lock from a holder that was alive"
         os.kill(holder.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
         out, err = promoter.communicate(timeout=120)
-        waited_after_kill = time.monotonic() - killed_at
     finally:
+        watcher.stop.set()
         holder.kill()
         holder.wait()
+    watcher.join()
     assert promoter.returncode == 0, err
     assert "promoted as version 1" in out and "took over from" in err
-    assert waited_after_kill >= LEASE_S  # not before the dead holder's lease had expired
+    # Not before the dead holder's lease had expired: its last renewal was written after the watcher
+    # last saw the renewal before it, so the takeover (seen no earlier than it happened) must come a
+    # whole lease after that sighting.
+    timeline = sorted(watcher.seen.values())
+    dead = [t for t in timeline if t[2] == timeline[0][2]]
+    taken_seen = min(t[0] for t in timeline if t[2] != timeline[0][2])
+    assert len(dead) >= 3, f"the holder renewed its lease too seldom to judge: {timeline}"
+    assert taken_seen >= dead[-2][1] + LEASE_S, timeline
     production = Registry(uri, params_mod.load(ws.params_file).registry, tmp_path).production()
     assert production is not None and production.version == 1
 
