@@ -234,6 +234,7 @@ def test_dvc_exp_compares_a_weak_and_a_good_setting_and_nothing_unblessed_gets_p
     ws = quickstart.ws
     registry = ws.root / "registry"
     before = file_tree(registry)
+    run(["dvc", "repro"], ws.root)  # after a promoting run: validate re-checks drift (a no-op if done already)
     run(["git", "add", "-A"], ws.root)  # the baseline, committed as a DVC user commits a run's params and lock
     run(["git", "commit", "-qm", "quickstart"], ws.root)
     # A floor the one-epoch candidate cannot reach: DVC finishes every stage and records the verdict.
