@@ -1,5 +1,5 @@
 """The temporary Prefect server of a run without a configured API: started by visionops, and gone
-when the run ends, even when the run is killed with SIGKILL (issue #10)."""
+when the run ends, even when the run is killed with SIGKILL (issue #10); so is the run's warm stage server."""
 
 from __future__ import annotations
 
@@ -81,14 +81,19 @@ def test_a_run_killed_with_sigkill_leaves_no_prefect_server_running(workspace: W
             time.sleep(0.2)
         servers = [pid for pid, cmd in _children(proc.pid) if "uvicorn" in cmd and str(port) in cmd]
         assert len(servers) == 1, _children(proc.pid)
+        # The flow starts its warm stage server as it begins, before ingest: killed with the run too.
+        while not (stage_servers := [pid for pid, cmd in _children(proc.pid) if "tasks.warm_stages" in cmd]):
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     deadline = time.monotonic() + temporary_server.STOP_S + 10
-    while _alive(servers[0]) and time.monotonic() < deadline:
+    while (_alive(servers[0]) or _alive(stage_servers[0])) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(servers[0]), "the temporary Prefect server outlived its killed run"
     assert not _listening(port)
+    assert not _alive(stage_servers[0]), "the warm stage server outlived its killed run"
 
 
 @pytest.mark.integration
