@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks import params as params_module
-from tasks.errors import GateRejected, VisionopsError
+from tasks.errors import GateRejected, VisionopsError, user_error
 from tasks.paths import Workspace
 
 if TYPE_CHECKING:
@@ -313,6 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VisionopsError as exc:
         _say(f"visionops: error: {_one_line(str(exc))}")
         return exc.exit_code
+    except Exception as exc:  # a full disk, a permission, a broken Parquet file: one line; a bug: its traceback
+        error = user_error(exc, f"visionops {args.command}")
+        if error is None:
+            raise
+        _say(f"visionops: error: {_one_line(str(error))}")
+        return error.exit_code
     except KeyboardInterrupt:
         _say("visionops: interrupted")
         return 130

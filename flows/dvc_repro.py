@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.workspace_lock import held_lock_fd
+from tasks.entry import ERROR_PREFIX
 from tasks.errors import GateRejected, VisionopsError
 from tasks.paths import Workspace
 
@@ -83,12 +84,14 @@ def stage_env() -> dict[str, str]:
 
 
 def failure_reason(lines: list[str]) -> str:
-    """The stage's own error from its output: the ``ERROR`` record of ``tasks.entry`` and what
-    follows it, else the last line before DVC's report (a traceback's last line)."""
+    """The stage's own error from its output: the ``visionops: error:`` line of ``tasks.entry`` (or an
+    ``ERROR`` log record) and what follows it, else the last line before DVC's report (a traceback's
+    last line)."""
     own = [line for line in lines if not line.startswith("ERROR: failed to reproduce")]
     for i in range(len(own) - 1, -1, -1):
-        if " ERROR " in own[i]:
-            first = own[i].split(" ERROR ", 1)[1]
+        if own[i].startswith(ERROR_PREFIX) or " ERROR " in own[i]:
+            found = own[i]
+            first = found.removeprefix(ERROR_PREFIX) if found.startswith(ERROR_PREFIX) else found.split(" ERROR ", 1)[1]
             return " ".join([first, *(line.strip() for line in own[i + 1 :] if line.strip())])
     meaningful = [line.strip() for line in own if line.strip()]
     return meaningful[-1] if meaningful else "no output"

@@ -14,10 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import VisionopsError
+from tasks.errors import user_error
 from tasks.paths import Workspace
-
-log = logging.getLogger("visionops")
 
 
 @dataclass(frozen=True)
@@ -40,12 +38,25 @@ def configure_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+ERROR_PREFIX = "visionops: error: "  # the one line a failed stage ends with (flows/prefect_tasks.py reads it)
+
+
 def run_stage(stage: Callable[[], object]) -> None:
-    """Run ``stage`` and exit: 0 done, 2 config, 3 gate rejected, 1 anything else reported."""
+    """Run ``stage`` and exit: 0 done, 2 config, 3 gate rejected, 1 anything else reported.
+
+    A failure ends with one line ``visionops: error: <kind>: <what, where, what to do>`` (details,
+    such as every failed expectation, on the lines after it), never a traceback.
+    """
     configure_logging()
+    module = sys.modules.get(getattr(stage, "__module__", ""))
+    spec = getattr(module, "__spec__", None)  # under `python -m tasks.x`, __module__ is __main__
+    name = (spec.name if spec is not None else getattr(stage, "__module__", "stage")).rsplit(".", 1)[-1]
     try:
         stage()
-    except VisionopsError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        sys.exit(exc.exit_code)
+    except Exception as exc:  # sorted by user_error; a bug is re-raised with its traceback
+        error = user_error(exc, f"stage {name}")
+        if error is None:
+            raise
+        print(f"{ERROR_PREFIX}{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
     sys.exit(0)

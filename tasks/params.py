@@ -6,8 +6,10 @@ entries turn it into exit code 2. Overrides follow DVC's ``-S key=value``: the v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -38,6 +40,33 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class IngestParams:
+    """Bounds on what ingest accepts, and the shape of data/ (units in params.yaml's comments)."""
+
+    max_image_mb: float  # one encoded image file
+    max_dataset_gb: float  # all image files together, uncompressed
+    max_compression_ratio: float  # uncompressed / compressed bytes of an archive
+    shard_mb: float  # encoded images per Parquet file in data/
+    row_group_mb: float  # encoded images per Parquet row group
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1e6)
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return int(self.max_dataset_gb * 1e9)
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1e6)
+
+    @property
+    def row_group_bytes(self) -> int:
+        return int(self.row_group_mb * 1e6)
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: str
     image_size: int
@@ -45,6 +74,7 @@ class DataParams:
     test_fraction: float
     seed: int
     synthetic: SyntheticParams
+    ingest: IngestParams
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,11 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.image_size", lambda v: 4 <= v <= 1024, "between 4 and 1024"),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "strictly between 0 and 1"),
     ("data.synthetic.classes", lambda v: 2 <= v <= 10, "between 2 and 10"),
+    ("data.ingest.max_image_mb", lambda v: v > 0, "positive"),
+    ("data.ingest.max_dataset_gb", lambda v: v > 0, "positive"),
+    ("data.ingest.max_compression_ratio", lambda v: v >= 1, "at least 1"),
+    ("data.ingest.shard_mb", lambda v: v > 0, "positive"),
+    ("data.ingest.row_group_mb", lambda v: v > 0, "positive"),
     ("validate.min_per_class", lambda v: v >= 0, "non-negative"),
     ("validate.max_class_ratio", lambda v: v >= 1, "at least 1"),
     ("validate.max_corrupt", lambda v: v >= 0, "non-negative"),
@@ -246,14 +281,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # YAML reads "5e-4" as a string; accept ints and numeric strings with an exponent.
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number: float | None = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # YAML reads .inf and .nan as floats; no threshold means that
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
@@ -380,6 +418,7 @@ __all__ = [
     "DriftParams",
     "ExportParams",
     "GateParams",
+    "IngestParams",
     "ModelParams",
     "Params",
     "PromoteParams",

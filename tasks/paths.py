@@ -32,11 +32,13 @@ class Workspace:
     # ingest: raw data, versioned by data.dvc
     @property
     def data(self) -> Path:
+        """Parquet shards of encoded images per split (their names: tasks/data/raw.py) and source.json."""
         return self.root / "data"
 
-    def raw_split(self, split: str) -> Path:
-        """Encoded image files of one split packed in one Parquet table (path, class_name, image)."""
-        return self.data / f"{split}.parquet"
+    @property
+    def data_dvc(self) -> Path:
+        """DVC's record of the current data/ version (``dvc add data``)."""
+        return self.root / "data.dvc"
 
     @property
     def data_source(self) -> Path:
@@ -163,6 +165,11 @@ class Workspace:
     def promotion_decision(self) -> Path:
         """JSON of the last promotion decision, promoted or rejected (a rejection writes no registry file)."""
         return self.state / "promotion.json"
+
+    @property
+    def staging(self) -> Path:
+        """Work folders of ingest and prepare, renamed into place when complete (same disk as data/)."""
+        return self.state / "staging"
 
     @property
     def pipeline_lock(self) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tasks import params
+from tasks.data import swap
 from tasks.data.contract import ContractInputs
 from tasks.data.drift import data_profile, drift_checks
 from tasks.data.reports import (
@@ -182,7 +183,21 @@ def validate(p: ValidateSections, ws: Workspace) -> ValidationReport:
 
 
 def main() -> None:
-    validate(params.sections(ValidateSections, params.load()), Workspace.here())
+    ws = Workspace.here()
+    try:
+        validate(params.sections(ValidateSections, params.load()), ws)
+    except ValidationFailed as exc:
+        # A rejected dataset must not stay current: put back the version ingest kept (tasks/data/swap.py).
+        put_back = swap.settle(ws, passed=False, validated_content=_prepared_from(ws))
+        if put_back is None:
+            raise
+        raise ValidationFailed(f"{exc}\n{put_back}; rerun `visionops run` or `dvc repro`") from exc
+    swap.settle(ws, passed=True, validated_content=_prepared_from(ws))
+
+
+def _prepared_from(ws: Workspace) -> str:
+    """The content hash of the data/ that prepared/ was made from."""
+    return PrepareReport.read(ws.prepare_report, "prepare").data_content_sha256
 
 
 if __name__ == "__main__":

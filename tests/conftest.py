@@ -15,9 +15,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tasks.data.raw import RawDataset, RawImage
+from tasks.params import IngestParams
 from tasks.paths import Workspace
 
 from s3_server import S3_CLIENT, S3Server
@@ -162,3 +165,47 @@ def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return S3Bucket(name, s3_server.endpoint, env)
+
+
+def ingest_bounds(**overrides: float) -> IngestParams:
+    """data.ingest as the project's params.yaml has it, with ``overrides`` (e.g. shard_mb=0.01)."""
+    from dataclasses import replace
+
+    from tasks.params import load
+
+    return replace(load(PROJECT / "params.yaml").data.ingest, **overrides)
+
+
+def collect(dataset: RawDataset) -> dict[str, list[RawImage]]:
+    """Every image a source streams, per split, in the order streamed (tests hold tiny datasets)."""
+    splits: dict[str, list[RawImage]] = {"train": [], "test": []}
+    for split, image in dataset.images():
+        splits[split].append(image)
+    return splits
+
+
+def write_raw(data: Path, splits: dict[str, list[RawImage]], **bounds: float) -> None:
+    """data/ as ingest writes it (shards and source.json) for images held in memory."""
+    from tasks.ingest import write_data
+
+    data.mkdir(parents=True, exist_ok=True)
+    write_data(RawDataset.of("test", splits), data, ingest_bounds(**bounds))
+
+
+def sideways_photo() -> tuple[bytes, Any]:
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), and the
+    upright pixels a viewer shows: the red top half as stored is the right half as viewed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    stored = np.zeros((8, 16, 3), np.uint8)  # 16 wide, 8 high
+    stored[:4] = (255, 0, 0)  # top half red
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=100, exif=exif)
+    upright = np.rot90(stored, k=-1)  # 8 wide, 16 high: the red half is now on the right
+    return buf.getvalue(), upright

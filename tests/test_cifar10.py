@@ -14,6 +14,8 @@ from tasks.data.imaging import to_array
 from tasks.data.sources import cifar10
 from tasks.errors import DataError
 
+from conftest import collect
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -44,16 +46,17 @@ def _archive(path: Path, per_batch: int = 3, members: dict[str, bytes] | None = 
 
 def test_binary_records_become_the_same_pixels_and_labels(tmp_path: Path) -> None:
     truth = _archive(tmp_path / "c.tar.gz")
-    data = cifar10.read_archive(tmp_path / "c.tar.gz")
-    assert len(data.splits["train"]) == 15 and len(data.splits["test"]) == 3
-    first = data.splits["train"][0]
+    dataset = cifar10.read_archive(tmp_path / "c.tar.gz")
+    data = collect(dataset)
+    assert len(data["train"]) == 15 and len(data["test"]) == 3 and dataset.total == 18
+    first = data["train"][0]
     labels, pixels = truth["data_batch_1.bin"]
     assert first.class_name == CLASSES[labels[0]]
     assert first.path == "data_batch_1.bin/00000.png"
     np.testing.assert_array_equal(to_array(first.image, 32, 3), pixels[0])
     test_labels, test_pixels = truth["test_batch.bin"]
-    assert data.splits["test"][2].class_name == CLASSES[test_labels[2]]
-    np.testing.assert_array_equal(to_array(data.splits["test"][2].image, 32, 3), test_pixels[2])
+    assert data["test"][2].class_name == CLASSES[test_labels[2]]
+    np.testing.assert_array_equal(to_array(data["test"][2].image, 32, 3), test_pixels[2])
 
 
 def test_download_verifies_the_md5_and_caches(tmp_path: Path) -> None:
@@ -65,7 +68,7 @@ def test_download_verifies_the_md5_and_caches(tmp_path: Path) -> None:
     cached = tmp_path / "cache" / "cifar-10-binary.tar.gz"
     assert cached.read_bytes() == archive.read_bytes()
     archive.unlink()  # a second load must come from the cache, not the URL
-    assert cifar10.load(tmp_path / "cache", url=archive.as_uri(), md5=md5).counts() == data.counts()
+    assert collect(cifar10.load(tmp_path / "cache", url=archive.as_uri(), md5=md5)) == collect(data)
 
 
 def test_an_archive_without_the_published_checksum_is_refused_and_deleted(tmp_path: Path) -> None:

@@ -76,6 +76,14 @@ def test_a_workspace_without_params_yaml_exits_2(tmp_path: Path, capsys: pytest.
     assert "params.yaml not found" in capsys.readouterr().err
 
 
+def test_a_file_system_error_is_one_line_not_a_traceback(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (ws / ".visionops").write_text("a file where the state folder goes")
+    assert _main(ws, "ingest") == 1
+    err = capsys.readouterr().err
+    expected = f"cannot read or write {ws / '.visionops'}: File exists; a file stands where a folder should be"
+    assert err.startswith("visionops: error: ") and expected in err and err.count("\n") == 1
+
+
 def test_status_before_any_promotion(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(ws, "status") == 0
     out = capsys.readouterr().out
@@ -154,7 +162,7 @@ def test_ingest_from_a_class_folder_versions_it_and_records_the_source(workspace
     proc = run(["visionops", "ingest", "--source", str(folder)], workspace.root)
     assert f"params.yaml: data.source = {folder}" in proc.stdout and "a new version" in proc.stdout
     assert load(workspace.params_file).data.source == str(folder)
-    assert (workspace.root / "data.dvc").is_file() and workspace.raw_split("train").is_file()
+    assert (workspace.root / "data.dvc").is_file() and (workspace.data / "train-00000.parquet").is_file()
     again = run(["visionops", "ingest"], workspace.root)
     assert "unchanged" in again.stdout and "params.yaml" not in again.stdout
 

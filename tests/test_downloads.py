@@ -90,3 +90,34 @@ def test_http_503_is_retried_until_it_succeeds(tmp_path: Path) -> None:
     finally:
         server.shutdown()
     assert dest.read_bytes() == b"payload" and _FlakyHandler.requests == 3
+
+
+class _UndeclaredHandler(http.server.BaseHTTPRequestHandler):
+    """Streams 3 MB without a Content-Length, as a hostile or careless server may."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        for _ in range(3):
+            self.wfile.write(bytes(1 << 20))
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_larger_than_allowed_is_refused_and_deleted(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(2000))
+    with pytest.raises(DataError, match=r"is 0\.0 GB, more than data\.ingest\.max_dataset_gb \(1e-06 GB\)"):
+        fetch(src.as_uri(), tmp_path / "cache" / "a.bin", max_bytes=1000)  # refused on its declared length
+    server = http.server.HTTPServer(("127.0.0.1", 0), _UndeclaredHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+        with pytest.raises(DataError, match=r"is larger than data\.ingest\.max_dataset_gb"):
+            fetch(url, tmp_path / "cache" / "b.zip", max_bytes=1 << 20)  # refused as the bytes arrive
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list((tmp_path / "cache").iterdir())

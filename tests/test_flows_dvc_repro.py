@@ -129,6 +129,18 @@ def test_failure_reason_keeps_a_multi_line_error_and_drops_dvc_lines() -> None:
     )
 
 
+def test_failure_reason_reads_the_one_error_line_of_tasks_entry() -> None:
+    lines = [
+        "> python -m tasks.validate",
+        "2026-01-01 00:00:00,000 tasks.ingest ERROR an earlier log record",
+        "visionops: error: ValidationFailed: data validation failed: 1 of 14 checks",
+        "- min_per_class: 4 unexpected",
+        "ERROR: failed to reproduce 'validate': failed to run: python -m tasks.validate, exited with 1",
+    ]
+    reason = "ValidationFailed: data validation failed: 1 of 14 checks - min_per_class: 4 unexpected"
+    assert failure_reason(lines) == reason
+
+
 RUNNER = """
 import logging, sys
 from pathlib import Path

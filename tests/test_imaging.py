@@ -11,6 +11,8 @@ from PIL import Image
 from tasks.data.imaging import encode_png, to_array
 from tasks.errors import DataError
 
+from conftest import sideways_photo
+
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
@@ -59,3 +61,19 @@ def test_text_file_is_a_data_error() -> None:
 def test_encode_png_is_byte_reproducible() -> None:
     pixels = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert encode_png(pixels) == encode_png(pixels.copy())
+
+
+def test_exif_orientation_is_applied() -> None:
+    encoded, upright = sideways_photo()
+    out = to_array(encoded, image_size=16, channels=3)
+    viewed = np.asarray(Image.fromarray(upright).resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    assert np.abs(out.astype(int) - viewed.astype(int)).max() < 40  # JPEG noise, not a quarter turn
+    assert out[0, :, 12:].mean() > 200 and out[0, :, :4].mean() < 50  # red on the right, as a viewer shows it
+
+
+@pytest.mark.parametrize("pixels", [150, 250])  # above the limit (Pillow warns), and twice it (Pillow refuses)
+def test_a_decompression_bomb_is_an_undecodable_image(monkeypatch: pytest.MonkeyPatch, pixels: int) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    data = encode_png(np.zeros((pixels // 10, 10, 3), np.uint8))
+    with pytest.raises(DataError, match=r"undecodable image .*decompression bomb"):
+        to_array(data, 8, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,50 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         params.load(path)
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    """The dotted key of every float parameter of ``cls`` and its sections."""
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{name}.")  # type: ignore[arg-type]
+        elif tp is float:
+            keys.append(prefix + name)
+    return keys
+
+
+FLOAT_KEYS = _float_keys(params.Params)
+
+
+def test_every_float_parameter_is_found() -> None:
+    assert {"train.lr", "gate.confidence", "data.ingest.max_image_mb", "schedule.lock_timeout_s"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_infinite_and_nan_floats_are_rejected_naming_the_key(key: str, value: str) -> None:
+    override = dict([params.parse_override(f"{key}={value}")])  # as `-S key=value` reads it
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected a finite number") as info:
+        params.parse(params.apply_overrides(raw(), override))
+    assert info.value.exit_code == 2
+
+
+def test_yaml_inf_in_params_yaml_is_rejected(tmp_path: Path) -> None:
+    text = PROJECT_PARAMS.read_text().replace("  lr: 0.4 ", "  lr: .inf ")
+    assert "lr: .inf" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a finite number, got inf"):
+        params.load(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"data.ingest.max_image_mb": 0}, {"data.ingest.max_compression_ratio": 0.5}, {"data.ingest.shard_mb": -1}],
+)
+def test_ingest_bounds_are_range_checked(override: dict) -> None:
+    (key,) = override
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        params.parse(params.apply_overrides(raw(), override))

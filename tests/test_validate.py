@@ -12,12 +12,12 @@ import pytest
 from tasks import params as params_module
 from tasks.data.contract import _mostly
 from tasks.data.imaging import encode_png
-from tasks.data.raw import write_split
 from tasks.data.reports import DataProfile, ValidationReport
 from tasks.data.sources import folder
 from tasks.errors import ValidationFailed
+from tasks.ingest import write_data
 from tasks.params import Params
-from tasks.paths import SPLITS, Workspace
+from tasks.paths import Workspace
 from tasks.prepare import prepare
 from tasks.registry import Registry
 from tasks.validate import ValidateSections, validate
@@ -38,10 +38,9 @@ def _sections(p: Params) -> ValidateSections:
 
 def _ingest_folder(src: Path, ws: Workspace, p: Params) -> None:
     """data/ from a class-folder source without DVC (validate does not need versioning)."""
-    dataset = folder.load(str(src), p.data.test_fraction, p.data.seed, ws.root / "cache")
+    dataset = folder.load(str(src), p.data.test_fraction, p.data.seed, p.data.ingest, ws.root / "cache")
     ws.data.mkdir(parents=True)
-    for split in SPLITS:
-        write_split(dataset.splits[split], ws.raw_split(split))
+    write_data(dataset, ws.data, p.data.ingest)
     prepare(p.data, ws)
 
 

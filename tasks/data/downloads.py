@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -41,18 +40,39 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, urllib.error.URLError | TimeoutError | ConnectionError)
 
 
-def _stream(url: str, part: Path) -> None:
+def _too_large(url: str, size: str, max_bytes: int) -> DataError:
+    return DataError(
+        f"{url} is {size} than data.ingest.max_dataset_gb ({max_bytes / 1e9:g} GB) allows: refusing it"
+    )
+
+
+def _stream(url: str, part: Path, max_bytes: int | None) -> None:
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as out:
-        shutil.copyfileobj(response, out, CHUNK)
+        declared = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+        if max_bytes is not None and declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise _too_large(url, f"{int(declared) / 1e9:.1f} GB, more", max_bytes)
+        size = 0
+        while chunk := response.read(CHUNK):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:  # the server may not say, or may lie
+                raise _too_large(url, "larger", max_bytes)
+            out.write(chunk)
 
 
-def fetch(url: str, dest: Path, md5: str | None = None, attempts: int = 4, backoff_s: float = 2.0) -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    md5: str | None = None,
+    attempts: int = 4,
+    backoff_s: float = 2.0,
+    max_bytes: int | None = None,
+) -> Path:
     """``dest`` holding the bytes at ``url``; reused when already cached and its md5 matches
     (without an ``md5`` nothing says the cached copy is current, so it is downloaded again).
 
     Raises :class:`TransientDownloadError` after ``attempts`` transient failures (waiting
-    ``backoff_s``, then twice that, ...), and :class:`DataError` for a permanent failure or a
-    checksum mismatch (the bad download is deleted).
+    ``backoff_s``, then twice that, ...), and :class:`DataError` for a permanent failure, a
+    checksum mismatch or more than ``max_bytes`` (the bad download is deleted).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     if md5 is not None and dest.is_file() and file_digest(dest, "md5") == md5:
@@ -62,8 +82,11 @@ def fetch(url: str, dest: Path, md5: str | None = None, attempts: int = 4, backo
     for attempt in range(1, attempts + 1):
         try:
             log.info("downloading %s (attempt %d of %d)", url, attempt, attempts)
-            _stream(url, part)
+            _stream(url, part, max_bytes)
             break
+        except DataError:  # too large: not something a retry changes
+            part.unlink(missing_ok=True)
+            raise
         except (OSError, ValueError) as exc:
             part.unlink(missing_ok=True)
             if not _is_transient(exc):

@@ -1,7 +1,8 @@
 """Decoding and conversion of ONE encoded image into the pixels the model sees.
 
-prepare (training data) and predict (serving) both call :func:`to_array`, so train and serve see
-exactly the same pixels for the same file.
+prepare (training data) and predict (serving) both decode with :func:`decode` and convert with
+:func:`convert` (:func:`to_array` is both), so train and serve see exactly the same pixels for the
+same file, EXIF orientation included.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from tasks.errors import DataError
 
@@ -23,16 +24,21 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 means stored upright
 
 
 def decode(encoded: bytes) -> Image.Image:
-    """The fully loaded image; :class:`DataError` when the bytes are not a readable image."""
+    """The fully loaded image, turned upright as its EXIF orientation says (a phone photo taken
+    sideways is stored sideways); :class:`DataError` when the bytes are not a readable image."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than raises) on moderately large images; treat it as an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(encoded))
+            img: Image.Image = Image.open(io.BytesIO(encoded))
             img.load()
+        # Only an image with an EXIF block (JPEG, PNG, WebP) or TIFF tags can say it is stored sideways.
+        if ("exif" in img.info or img.format == "TIFF") and img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img) or img
     except UnidentifiedImageError as exc:
         # Pillow's own message quotes a memory address; keep the manifest reproducible.
         raise DataError(f"undecodable image ({len(encoded)} bytes): not a recognised image format") from exc

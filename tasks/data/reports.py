@@ -44,9 +44,10 @@ class PrepareReport(Record):
     counts: dict[str, SplitCounts]
     shapes: dict[str, list[int]]  # split -> (N, C, H, W) of its images array
     corrupt_count: int
-    corrupt: list[CorruptFile]  # the first MAX_REPORTED_CORRUPT
+    corrupt: list[CorruptFile]  # the first MAX_REPORTED_CORRUPT of each split
     seconds: float
     images_per_s: float
+    data_content_sha256: str = ""  # of the data/ it was prepared from (data/source.json); "" before it was recorded
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""File-system primitives: atomic writes, locks, hashing, typed JSON records."""
+"""File-system primitives: atomic writes and work folders, locks, hashing, progress, typed JSON records."""

@@ -1,4 +1,5 @@
-"""Where raw images come from. Every source yields the same thing: a :class:`RawDataset`.
+"""Where raw images come from. Every source yields the same thing: a :class:`RawDataset`, streamed
+image by image.
 
 ``load`` picks the source from the ``data.source`` string (or ``visionops ingest --source``):
 ``synthetic``, ``cifar10``, or a class-folder directory / ``.tar`` / ``.zip`` by path or URL.
@@ -24,4 +25,4 @@ def load(source: str, p: DataParams, cache_dir: Path) -> RawDataset:
         return cifar10.load(cache_dir)
     from tasks.data.sources import folder
 
-    return folder.load(source, p.test_fraction, p.seed, cache_dir)
+    return folder.load(source, p.test_fraction, p.seed, p.ingest, cache_dir)

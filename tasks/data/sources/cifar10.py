@@ -1,14 +1,15 @@
 """CIFAR-10 from its official binary archive, checksum-verified and parsed without unpickling.
 
 The binary version is fixed-length records: 1 label byte, then 3072 pixel bytes (1024 red,
-1024 green, 1024 blue, row-major 32x32). Only the expected members are read from the archive;
-nothing is extracted to disk.
+1024 green, 1024 blue, row-major 32x32). Only the expected members are read from the archive,
+one batch (30 MB) at a time; nothing is extracted to disk.
 """
 
 from __future__ import annotations
 
 import tarfile
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -26,10 +27,14 @@ SIDE = 32  # px
 RECORD = 1 + 3 * SIDE * SIDE  # bytes: label + R, G, B planes
 
 
+def _check_size(size: int, member: str) -> None:
+    if not size or size % RECORD:
+        raise DataError(f"{member}: {size} bytes is not a whole number of {RECORD}-byte CIFAR-10 records")
+
+
 def parse_batch(raw: bytes, member: str, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), pixels (N, 32, 32, 3) uint8) of one ``*.bin`` member."""
-    if not raw or len(raw) % RECORD:
-        raise DataError(f"{member}: {len(raw)} bytes is not a whole number of {RECORD}-byte CIFAR-10 records")
+    _check_size(len(raw), member)
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD)
     labels = records[:, 0].astype(np.int64)
     if labels.max() >= len(class_names):
@@ -38,37 +43,47 @@ def parse_batch(raw: bytes, member: str, class_names: list[str]) -> tuple[np.nda
     return labels, np.ascontiguousarray(pixels)
 
 
-def read_archive(archive: Path) -> RawDataset:
-    wanted = {f"{FOLDER}/{name}" for names in BATCHES.values() for name in names} | {f"{FOLDER}/{META}"}
-    members: dict[str, bytes] = {}
+def _members(
+    archive: Path, wanted: set[str], read: set[str] | None = None
+) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """The ``wanted`` members of the archive, one at a time, in archive order, with the bytes of those
+    in ``read`` (default: all of them)."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
+            while (member := tar.next()) is not None:
                 if member.name in wanted and member.isfile():
                     handle = tar.extractfile(member)
                     assert handle is not None  # a regular file always has a payload
-                    members[member.name] = handle.read()
+                    yield member, handle.read() if read is None or member.name in read else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(f"{archive}: not a readable CIFAR-10 binary archive: {exc}") from exc
-    missing = sorted(wanted - set(members))
+
+
+def read_archive(archive: Path) -> RawDataset:
+    """The dataset in ``archive``: class names read first, then the batches streamed one at a time."""
+    split_of = {f"{FOLDER}/{name}": split for split, names in BATCHES.items() for name in names}
+    found: dict[str, bytes] = {}
+    records = 0
+    for member, data in _members(archive, {f"{FOLDER}/{META}", *split_of}, read={f"{FOLDER}/{META}"}):
+        found[member.name] = data
+        if member.name in split_of:
+            _check_size(member.size, PurePosixPath(member.name).name)
+            records += member.size // RECORD
+    missing = sorted({f"{FOLDER}/{META}", *split_of} - set(found))
     if missing:
         raise DataError(f"{archive}: missing {', '.join(missing)}: is this the binary version ({URL})?")
-    class_names = [line.strip() for line in members[f"{FOLDER}/{META}"].decode("ascii").splitlines() if line.strip()]
-    splits: dict[str, list[RawImage]] = {}
-    for split, names in BATCHES.items():
-        images: list[RawImage] = []
-        for name in names:
-            labels, pixels = parse_batch(members[f"{FOLDER}/{name}"], name, class_names)
-            images.extend(
-                RawImage(path=f"{name}/{i:05d}.png", class_name=class_names[label], image=encode_png(pixels[i]))
-                for i, label in enumerate(labels.tolist())
-            )
-        splits[split] = images
-    return RawDataset(
-        source="cifar10",
-        splits=splits,
-        details={"url": URL, "archive_md5": MD5},
-    )
+    meta = found[f"{FOLDER}/{META}"]
+    class_names = [line.strip() for line in meta.decode("ascii").splitlines() if line.strip()]
+
+    def images() -> Iterator[tuple[str, RawImage]]:
+        for info, raw in _members(archive, set(split_of)):
+            name = PurePosixPath(info.name).name
+            labels, pixels = parse_batch(raw, name, class_names)
+            del raw
+            for i, label in enumerate(labels.tolist()):
+                yield split_of[info.name], RawImage(f"{name}/{i:05d}.png", class_names[label], encode_png(pixels[i]))
+
+    return RawDataset(source="cifar10", images=images, total=records, details={"url": URL, "archive_md5": MD5})
 
 
 def load(cache_dir: Path, url: str = URL, md5: str = MD5) -> RawDataset:

@@ -8,7 +8,7 @@ shape. The same ``(params, seed)`` always gives the same PNG bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -118,21 +118,22 @@ def render(pattern: Mask, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate(p: SyntheticParams, seed: int) -> RawDataset:
-    """``p.classes`` patterns, ``p.train_per_class`` and ``p.test_per_class`` PNGs of each."""
+    """``p.classes`` patterns, ``p.train_per_class`` and ``p.test_per_class`` PNGs of each, streamed
+    one class of one split at a time."""
     per_split = {"train": p.train_per_class, "test": p.test_per_class}
-    splits: dict[str, list[RawImage]] = {}
-    for split_index, split in enumerate(SPLITS):
-        images: list[RawImage] = []
-        for class_index, (name, pattern) in enumerate(PATTERNS[: p.classes]):
-            rng = np.random.default_rng([seed, split_index, class_index])
-            pixels = render(pattern, per_split[split], rng)
-            images.extend(
-                RawImage(path=f"{split}/{name}/{i:05d}.png", class_name=name, image=encode_png(pixels[i]))
-                for i in range(len(pixels))
-            )
-        splits[split] = images
+
+    def images() -> Iterator[tuple[str, RawImage]]:
+        for split_index, split in enumerate(SPLITS):
+            for class_index, (name, pattern) in enumerate(PATTERNS[: p.classes]):
+                rng = np.random.default_rng([seed, split_index, class_index])
+                pixels = render(pattern, per_split[split], rng)
+                for i in range(len(pixels)):
+                    path = f"{split}/{name}/{i:05d}.png"
+                    yield split, RawImage(path=path, class_name=name, image=encode_png(pixels[i]))
+
     return RawDataset(
         source="synthetic",
-        splits=splits,
+        images=images,
+        total=p.classes * (p.train_per_class + p.test_per_class),
         details={"generator": "tasks.data.sources.synthetic", "seed": seed, "render_size": RENDER_SIZE},
     )
