@@ -8,6 +8,10 @@ measures speed but not a CIFAR-10 accuracy. Exits 2 without CUDA. Record the out
 and device, in benchmarks/RESULTS.md.
 
     python benchmarks/gpu_train.py [--workspace .] [--epochs N] [--compile] [--target 0.94]
+        [--data-on-device auto|always|never]
+
+``--data-on-device never`` trains from the streamed path (pinned host batches read ahead in a
+thread, copied with non_blocking on a side stream) instead of the split held on the GPU.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
     parser.add_argument("--target", type=float, default=0.94, help="test accuracy for time-to-accuracy")
+    parser.add_argument("--data-on-device", choices=("auto", "always", "never"), help="override train.data_on_device")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -114,6 +119,7 @@ def main() -> int:
         device="cuda",
         epochs=args.epochs or loaded.train.epochs,
         compile=args.compile or loaded.train.compile,
+        data_on_device=args.data_on_device or loaded.train.data_on_device,
     )
     m = dataclasses.replace(loaded.model, arch="resnet18", weights="none")
 
@@ -144,7 +150,7 @@ def main() -> int:
 
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"data: {data}")
+    print(f"data: {data}; {result.data_placement} (train.data_on_device {p.data_on_device})")
     print(
         f"recipe: {m.arch} {m.stem} stem, {p.epochs} epochs, batch {result.batch_size},"
         f" peak lr {result.peak_lr:.4g}, {p.optimizer}, {p.schedule}, compile={p.compile}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from tasks import params
 from tasks.blessing.gate import check_floor
 from tasks.blessing.reports import EvaluationMetrics, MetricsReport
 from tasks.blessing.scoring import (
+    Classification,
     classification_metrics,
     torch_device,
     torch_probabilities,
@@ -50,8 +52,19 @@ SPEC = StageSpec(
 )
 
 
-def evaluate(p: GateParams, ws: Workspace) -> MetricsReport:
-    """Score models/candidate.pt on the test split and record the reports with the floor's verdict."""
+@dataclass(frozen=True)
+class CandidateScores:
+    """The candidate's predictions on the test split and what they score: no gate applied yet."""
+
+    scores: Classification
+    labels: np.ndarray  # int64 (N,)
+    predicted: np.ndarray  # int64 (N,)
+    classes: list[str]
+    device: str
+
+
+def score_candidate(ws: Workspace) -> CandidateScores:
+    """Score models/candidate.pt on the test split, read from prepared/ in batches."""
     from tasks.training.candidate import Deployable
 
     split = load_split(ws, "test")
@@ -59,7 +72,16 @@ def evaluate(p: GateParams, ws: Workspace) -> MetricsReport:
     device = torch_device()
     log.info("evaluating %s on %d test images (%s)", ws.candidate, len(split.labels), device)
     predicted = torch_probabilities(model, split.images, device).argmax(axis=1)
-    scores = classification_metrics(split.labels, predicted, split.classes)
+    return CandidateScores(
+        classification_metrics(split.labels, predicted, split.classes), split.labels, predicted, split.classes,
+        str(device),
+    )
+
+
+def evaluate(p: GateParams, ws: Workspace) -> MetricsReport:
+    """Score the candidate, write both reports, then apply the floor."""
+    candidate = score_candidate(ws)
+    scores = candidate.scores
     floor = check_floor(scores.accuracy, {n: v.recall for n, v in scores.per_class.items()}, p)
     report = MetricsReport(
         accuracy=scores.accuracy,
@@ -67,14 +89,14 @@ def evaluate(p: GateParams, ws: Workspace) -> MetricsReport:
         n_test=scores.n_test,
         per_class=scores.per_class,
         gate=floor,
-        classes=split.classes,
+        classes=candidate.classes,
         confusion_matrix=scores.confusion_matrix,
-        device=str(device),
+        device=candidate.device,
         candidate_sha256=file_digest(ws.candidate),
     )
     report.write(ws.metrics)
     EvaluationMetrics.of(report).write(ws.evaluation_metrics)
-    atomic_write_text(ws.confusion, confusion_csv(split.labels, predicted, split.classes))
+    atomic_write_text(ws.confusion, confusion_csv(candidate.labels, candidate.predicted, candidate.classes))
     log.info("accuracy %.4f, macro F1 %.4f -> %s", report.accuracy, report.macro_f1, ws.metrics)
     if not floor.passed:
         log.warning(

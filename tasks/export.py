@@ -182,7 +182,9 @@ def export(p: ExportParams, ws: Workspace) -> ExportReport:
             meaning="softmax probabilities, index = class (classes)",
         ),
         classes=list(candidate.classes),
-        normalization=Normalization(mean=list(norm["mean"]), std=list(norm["std"]), baked_in=True),
+        normalization=Normalization(
+            mean=list(norm["mean"]), std=list(norm["std"]), baked_in=True, eval_crop=candidate.eval_crop
+        ),
         arch=candidate.arch,
         stem=candidate.stem,
         fp16=fp16,

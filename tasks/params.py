@@ -100,6 +100,7 @@ class ModelParams:
     arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_small"]
     stem: Literal["cifar", "imagenet"]
     weights: str  # none | imagenet | production | path to a state dict
+    normalization: Literal["data", "imagenet"]  # the train split's own mean/std, or ImageNet's
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class AugmentParams:
     crop_padding: int
     flip: bool
     cutout: int
+    random_resized_crop: bool
+    crop_scale: tuple[float, ...]  # [min, max] share of the image's area
+    crop_ratio: tuple[float, ...]  # [min, max] width / height
+    eval_crop: float  # share of the side kept by the evaluation centre crop; 1.0 = no crop
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,9 @@ class TrainParams:
     freeze: Literal["none", "backbone"]
     compile: bool
     seed: int
+    data_on_device: Literal["auto", "always", "never"]
+    device_budget_gb: float  # auto holds the data on the device up to this many GB of pixels
+    prefetch_batches: int
     augment: AugmentParams
 
 
@@ -223,6 +231,11 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train.augment.crop_padding", lambda v: v >= 0, "non-negative"),
     ("train.augment.cutout", lambda v: v >= 0, "non-negative"),
+    ("train.augment.crop_scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max], 0 < min <= max <= 1"),
+    ("train.augment.crop_ratio", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max"),
+    ("train.augment.eval_crop", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("train.device_budget_gb", lambda v: v >= 0, "non-negative"),
+    ("train.prefetch_batches", lambda v: v >= 1, "at least 1"),
     ("gate.min_accuracy", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("gate.min_class_recall", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("gate.max_regression", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -334,6 +347,12 @@ def parse(raw: Any) -> Params:
         value = _lookup(params, key)
         if not ok(value):
             raise ConfigError(f"{key}: must be {must}, got {value!r}")
+    augment = params.train.augment
+    if augment.random_resized_crop and augment.crop_padding:
+        raise ConfigError(
+            "train.augment.crop_padding must be 0 when train.augment.random_resized_crop is true"
+            f" (got {augment.crop_padding}): the random-resized crop replaces the padded crop"
+        )
     return params
 
 

@@ -22,7 +22,7 @@ from tasks.blessing.evidence import Evidence, build_card, load_evidence
 from tasks.blessing.gate import check_floor, compare_with_production
 from tasks.blessing.onnx_session import open_session
 from tasks.blessing.reports import InputContract
-from tasks.data.prepared import PreparedSplit, load_split
+from tasks.data.prepared import Images, PreparedSplit, load_split
 from tasks.entry import run_stage
 from tasks.params import GateParams, Params
 from tasks.paths import Workspace
@@ -57,19 +57,35 @@ def precondition_failures(evidence: Evidence, gate: GateParams, require_provider
     return failures
 
 
-def images_for_contract(split: PreparedSplit, contract: InputContract) -> np.ndarray:
-    """The test images in another model's input contract (size, channels), through tasks.data.imaging."""
+def images_for_contract(images: np.ndarray, contract: InputContract) -> np.ndarray:
+    """A batch of test images in another model's input contract (size, channels), through tasks.data.imaging."""
     from tasks.data.imaging import encode_png, to_array
 
     c, s = contract.channels, contract.image_size
-    if split.images.shape[1:] == (c, s, s):
-        return split.images
-    log.info("production expects %dx%dx%d: converting the test images with tasks.data.imaging", c, s, s)
-    out = np.empty((len(split.images), c, s, s), dtype=np.uint8)
-    for i, img in enumerate(split.images):
+    if images.shape[1:] == (c, s, s):
+        return images
+    out = np.empty((len(images), c, s, s), dtype=np.uint8)
+    for i, img in enumerate(images):
         hwc = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
         out[i] = to_array(encode_png(np.ascontiguousarray(hwc)), s, c)
     return out
+
+
+class ContractImages:
+    """The test split seen through a model's input contract: each batch converted as it is read."""
+
+    def __init__(self, images: Images, contract: InputContract) -> None:
+        self.images, self.contract = images, contract
+        c, s = contract.channels, contract.image_size
+        self.shape: tuple[int, ...] = (len(images), c, s, s)
+        if tuple(images.shape[1:]) != self.shape[1:]:
+            log.info("the model expects %dx%dx%d: converting the test images with tasks.data.imaging", c, s, s)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: slice, /) -> np.ndarray:
+        return images_for_contract(np.asarray(self.images[index]), self.contract)
 
 
 def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: PreparedSplit) -> np.ndarray:
@@ -79,8 +95,9 @@ def correct_by_name(probabilities: np.ndarray, model_classes: list[str], split: 
     return predicted == actual
 
 
-def _onnx_probabilities(model: Path, images: np.ndarray, batch: int) -> np.ndarray:
-    return open_session(model, "auto").probabilities(images, batch)
+def _onnx_probabilities(model: Path, images: Images, contract: InputContract, batch: int) -> np.ndarray:
+    """The ONNX model's probabilities on ``images`` in its own contract, scored ``batch`` at a time."""
+    return open_session(model, "auto").probabilities(ContractImages(images, contract), batch)
 
 
 def _decided(ws: Workspace, decision: PromotionDecision) -> PromotionDecision:
@@ -120,7 +137,7 @@ def _against_production(registry: Registry, production: ProductionInfo, split: P
     prod_export = production.card.export
     production_correct = correct_by_name(
         _onnx_probabilities(
-            registry.local_file(production.version, MODEL_FILE), images_for_contract(split, prod_export.input), batch
+            registry.local_file(production.version, MODEL_FILE), split.images, prod_export.input, batch
         ),
         prod_export.classes,
         split,
@@ -162,7 +179,7 @@ def promote(p: Params, ws: Workspace, readmit: bool = False) -> PromotionDecisio
     split = load_split(ws, "test")
     batch = p.registry.max_batch_size
     candidate_correct = correct_by_name(
-        _onnx_probabilities(ws.onnx_model, images_for_contract(split, evidence.export.input), batch),
+        _onnx_probabilities(ws.onnx_model, split.images, evidence.export.input, batch),
         evidence.export.classes,
         split,
     )

@@ -1,9 +1,11 @@
 """train stage: fine-tune a torchvision classifier on prepared/ and write models/candidate.pt.
 
-The whole split sits on the device as uint8 and is augmented there per batch (tasks/training/augment.py).
-bf16 autocast on CUDA, fp32 on the CPU. A checkpoint after every epoch lets a rerun after a
-crash resume; each epoch's randomness is seeded from (seed, epoch), so on the CPU a resumed run
-ends with the same weights as an uninterrupted one.
+The data sits on the device as uint8 while it fits train.device_budget_gb, and streams from the
+prepared files otherwise (tasks/training/splits.py); either way it is augmented and normalised on
+the device per batch, and on the CPU both give the same weights. bf16 autocast on CUDA, fp32 on
+the CPU. A checkpoint after every epoch lets a rerun after a crash resume; each epoch's randomness
+is seeded from (seed, epoch), so on the CPU a resumed run ends with the same weights as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from tasks.errors import TrainingDiverged
 from tasks.fs.atomic import atomic_write_text
 from tasks.params import ModelParams, RegistryParams, TrainParams
 from tasks.paths import SPLITS, Workspace
-from tasks.training.augment import DeviceSplit, channel_stats
+from tasks.training.augment import channel_stats
 from tasks.training.candidate import Candidate, save_candidate
 from tasks.training.checkpoint import ResumeCheckpoint, run_key
 from tasks.training.device import describe, select_device
-from tasks.training.loop import test_accuracy, train_epoch
-from tasks.training.models import build_model, freeze
+from tasks.training.loop import EVAL_BATCH_FACTOR, test_accuracy, train_epoch
+from tasks.training.models import build_model, freeze, imagenet_normalization
 from tasks.training.optim import Schedule, WeightEMA, build_optimizer
+from tasks.training.sampler import EpochSampler
+from tasks.training.splits import Placement, Preprocess, TrainingSplit, open_split, placement
 from tasks.training.weights import load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,7 @@ class _Run:
 
 def _build_run(p: TrainSections, ws: Workspace, data: PreparedData, schedule: Schedule, device: torch.device) -> _Run:
     m, t = p.model, p.train
-    channels = data.train_images.shape[1]
+    channels = data.train.images.shape[1]
     torch.manual_seed(t.seed)
     model = build_model(m.arch, m.stem, len(data.classes), channels)
     source = load_initial_weights(model, m, ws, p.registry)
@@ -143,8 +147,8 @@ def _resume(run: _Run, checkpoint: ResumeCheckpoint, epochs: int) -> tuple[list[
 
 def _fit(
     run: _Run,
-    train_split: DeviceSplit,
-    test_split: DeviceSplit,
+    train_split: TrainingSplit,
+    test_split: TrainingSplit,
     schedule: Schedule,
     t: TrainParams,
     ws: Workspace,
@@ -155,7 +159,8 @@ def _fit(
 ) -> float:
     """Train epochs ``start_epoch + 1 .. t.epochs``, appending to ``history`` and checkpointing each;
     returns the training seconds of all epochs (those before a resume included)."""
-    device = train_split.images.device
+    device = train_split.device
+    sampler = EpochSampler(len(train_split), schedule.batch_size)
     wall_start = time.perf_counter()
     for epoch in range(start_epoch + 1, t.epochs + 1):
         torch.manual_seed(t.seed * _EPOCH_SEED_STRIDE + epoch)  # dropout (mobilenet) draws from the global RNG
@@ -164,14 +169,15 @@ def _fit(
             torch.cuda.synchronize()
         epoch_start = time.perf_counter()
         train_loss, lr = train_epoch(
-            run.step_model, run.model, run.optimizer, run.ema, run.criterion, train_split, schedule, t, epoch, generator
+            run.step_model, run.model, run.optimizer, run.ema, run.criterion, train_split, sampler, schedule, t, epoch,
+            generator,
         )
         epoch_seconds = time.perf_counter() - epoch_start  # train_epoch ends with a sync (.item())
         if not math.isfinite(train_loss):
             raise _diverged(epoch, lr, t, ws, checkpoint)
         if run.ema is not None:
             run.eval_model.load_state_dict(run.ema.shadow)
-        accuracy = test_accuracy(run.eval_model, test_split, device)
+        accuracy = test_accuracy(run.eval_model, test_split, EVAL_BATCH_FACTOR * schedule.batch_size)
         train_seconds += epoch_seconds
         images_per_s = schedule.steps_per_epoch * schedule.batch_size / epoch_seconds
         history.append(
@@ -203,6 +209,29 @@ def _fit(
     return train_seconds
 
 
+def _normalization(m: ModelParams, data: PreparedData) -> tuple[list[float], list[float]]:
+    """model.normalization: ImageNet's statistics, or the train split's own (one pass over it)."""
+    if m.normalization == "imagenet":
+        return imagenet_normalization(data.train.images.shape[1])
+    return channel_stats(data.train.images)
+
+
+def _open_splits(
+    t: TrainParams, data: PreparedData, preprocess: Preprocess, device: torch.device
+) -> tuple[Placement, TrainingSplit, TrainingSplit]:
+    where = placement(t.data_on_device, t.device_budget_gb, data.nbytes)
+    log.info(
+        "data: %.2f GB of pixels (train + test), %s (train.data_on_device %s, device_budget_gb %g)",
+        data.nbytes / 1e9, "held on the device" if where == "device" else "streamed from prepared/",
+        t.data_on_device, t.device_budget_gb,
+    )
+    return (
+        where,
+        open_split(data.train, where, preprocess, device, t.prefetch_batches),
+        open_split(data.test, where, preprocess, device, t.prefetch_batches),
+    )
+
+
 def train(p: TrainSections, ws: Workspace) -> TrainReport:
     """Train as params.yaml says on prepared/; write the candidate, train.json and train_history.csv."""
     t = p.train
@@ -211,11 +240,11 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = PreparedData.load(ws)
-    schedule = Schedule.for_dataset(t, len(data.train_labels))
+    schedule = Schedule.for_dataset(t, len(data.train.labels))
     run = _build_run(p, ws, data, schedule, device)
-    mean, std = channel_stats(torch.from_numpy(data.train_images))
-    train_split = DeviceSplit.from_arrays(data.train_images, data.train_labels, mean, std, device)
-    test_split = DeviceSplit.from_arrays(data.test_images, data.test_labels, mean, std, device)
+    mean, std = _normalization(p.model, data)
+    preprocess = Preprocess.on(device, mean, std, t.augment.eval_crop)
+    where, train_split, test_split = _open_splits(t, data, preprocess, device)
     resolved = {
         "model": dataclasses.asdict(p.model),
         "train": dataclasses.asdict(t),
@@ -223,7 +252,7 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
     }
     checkpoint = ResumeCheckpoint(ws.checkpoints, run_key({**resolved, "device": device.type}, data.digest))
     history, start_epoch, train_seconds = _resume(run, checkpoint, t.epochs)
-    _, channels, image_size, _ = data.train_images.shape
+    _, channels, image_size, _ = data.train.images.shape
     log.info(
         "training %s (%s stem) from %s on %s: %d train / %d test images of %dx%dx%d, %d classes;"
         " batch %d, %d steps/epoch, peak lr %.4g",
@@ -247,6 +276,7 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
         steps_per_epoch=schedule.steps_per_epoch,
         peak_lr=schedule.peak_lr,
         weights=run.weights_source,
+        data_placement=where,
     )
     save_candidate(
         ws.candidate,
@@ -259,6 +289,7 @@ def train(p: TrainSections, ws: Workspace) -> TrainReport:
             image_size=image_size,
             classes=list(data.classes),
             normalization={"mean": mean, "std": std},
+            eval_crop=t.augment.eval_crop,
             params=resolved,
             device=device.type,
             device_name=report.device_name,

@@ -32,7 +32,7 @@ from tasks.blessing.reports import (
     VerificationReport,
 )
 from tasks.blessing.scoring import torch_probabilities
-from tasks.data.prepared import PreparedSplit, load_split
+from tasks.data.prepared import Images, PreparedSplit, load_split
 from tasks.entry import StageSpec, run_stage
 from tasks.errors import DataError, VisionopsError
 from tasks.fs.hashing import file_digest
@@ -58,16 +58,16 @@ def read_export_report(ws: Workspace) -> ExportReport:
     return report
 
 
-def batch_of(images: np.ndarray, size: int) -> tuple[np.ndarray, bool]:
+def batch_of(images: Images, size: int) -> tuple[np.ndarray, bool]:
     """The first ``size`` test images, repeated when the split is smaller; True when repeated."""
     if len(images) >= size:
         return np.ascontiguousarray(images[:size]), False
     reps = -(-size // len(images))
-    return np.ascontiguousarray(np.concatenate([images] * reps)[:size]), True
+    return np.ascontiguousarray(np.concatenate([images[:]] * reps)[:size]), True
 
 
 def parity(
-    session: Session, model: Any, images: np.ndarray, batch: int, atol: float, min_agreement: float, device: Any
+    session: Session, model: Any, images: Images, batch: int, atol: float, min_agreement: float, device: Any
 ) -> Parity:
     """ONNX vs PyTorch on one batch of exactly ``batch`` images."""
     x, repeated = batch_of(images, batch)

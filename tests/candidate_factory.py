@@ -77,7 +77,9 @@ def write_split(ws: Workspace, images: np.ndarray, labels: np.ndarray, classes: 
     ws.classes.write_text(json.dumps(classes))
 
 
-def candidate_of(model: Any, arch: str, stem: str, classes: list[str], channels: int, size: int) -> Candidate:
+def candidate_of(
+    model: Any, arch: str, stem: str, classes: list[str], channels: int, size: int, eval_crop: float = 1.0
+) -> Candidate:
     """An untrained ``model`` as a candidate, with a made-up normalisation (one value per channel)."""
     from tasks.training.candidate import Candidate
 
@@ -96,10 +98,13 @@ def candidate_of(model: Any, arch: str, stem: str, classes: list[str], channels:
         weights_source="random initialisation",
         data_digest="none",
         metrics={"test_accuracy": 0.0},
+        eval_crop=eval_crop,
     )
 
 
-def tiny_candidate(ws: Workspace, seed: int = 0, k: int = 3, size: int = 8, n_test: int = 24) -> None:
+def tiny_candidate(
+    ws: Workspace, seed: int = 0, k: int = 3, size: int = 8, n_test: int = 24, eval_crop: float = 1.0
+) -> None:
     """A real (untrained) ResNet-18 candidate.pt in the documented format, plus a random test split."""
     import torch
 
@@ -109,7 +114,7 @@ def tiny_candidate(ws: Workspace, seed: int = 0, k: int = 3, size: int = 8, n_te
     torch.manual_seed(seed)
     classes = CLASSES3[:k] if k <= 3 else [f"class{i}" for i in range(k)]
     model = build_model("resnet18", "cifar", k, 3)
-    save_candidate(ws.candidate, candidate_of(model, "resnet18", "cifar", classes, 3, size))
+    save_candidate(ws.candidate, candidate_of(model, "resnet18", "cifar", classes, 3, size, eval_crop))
     rng = np.random.default_rng(seed)
     write_split(ws, rng.integers(0, 256, (n_test, 3, size, size), dtype=np.uint8), rng.integers(0, k, n_test), classes)
 

@@ -162,3 +162,14 @@ def test_ingest_bounds_are_range_checked(override: dict) -> None:
     (key,) = override
     with pytest.raises(ConfigError, match=re.escape(key)):
         params.parse(params.apply_overrides(raw(), override))
+
+
+def test_the_readme_fine_tuning_recipe_is_a_valid_set_of_overrides() -> None:
+    """README's 224-px ImageNet recipe: every -S key exists and every value passes the checks."""
+    readme = (PROJECT_PARAMS.parent / "README.md").read_text()
+    block = next(b for b in readme.split("```") if "model.normalization=imagenet" in b)
+    overrides = dict(params.parse_override(arg) for arg in re.findall(r"-S (\S+)", block))
+    assert {"data.image_size", "model.weights", "train.freeze", "train.augment.random_resized_crop"} <= set(overrides)
+    p = params.parse(params.apply_overrides(raw(), overrides))
+    assert (p.data.image_size, p.model.stem, p.model.normalization) == (224, "imagenet", "imagenet")
+    assert p.train.augment.random_resized_crop and p.train.augment.eval_crop == 0.875

@@ -18,9 +18,10 @@ from tasks.registry import IntegrityError, Registry
 from candidate_factory import publish_pixel_reader, write_params
 
 
-def _setup(tmp_path: Path, channels: int) -> tuple[Workspace, Params]:
+def _setup(tmp_path: Path, channels: int, max_batch: int = 256) -> tuple[Workspace, Params]:
     ws = Workspace(tmp_path / "ws")
-    p = write_params(ws, {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"})
+    overrides = {"registry.uri": str(tmp_path / "registry"), "registry.model_name": "clf"}
+    p = write_params(ws, {**overrides, "registry.max_batch_size": max_batch})
     publish_pixel_reader(Registry.open(ws, p.registry), tmp_path / "src", read_channel=0, channels=channels)
     return ws, p
 
@@ -58,6 +59,24 @@ def test_without_production_says_what_to_do(tmp_path: Path) -> None:
     p = write_params(Workspace(tmp_path), {"registry.uri": str(tmp_path / "r")})
     with pytest.raises(RegistryError, match="no production model"):
         predict(p.registry, Workspace(tmp_path), [_png(tmp_path / "x.png", 0)])
+
+
+def test_files_are_scored_in_batches_of_max_batch_size_in_order(tmp_path: Path) -> None:
+    ws, p = _setup(tmp_path, 3, max_batch=2)
+    answers = [2, 0, 1, 1, 2]
+    files = [_png(tmp_path / f"img{i}.png", k) for i, k in enumerate(answers)]  # 3 batches: 2 + 2 + 1
+    result = predict(p.registry, ws, files)
+    assert [r.label for r in result] == [["cat", "dog", "eel"][k] for k in answers]
+    assert [r.path for r in result] == [str(f) for f in files]
+
+
+def test_an_unusable_file_in_a_later_batch_fails_the_call_naming_it(tmp_path: Path) -> None:
+    ws, p = _setup(tmp_path, 3, max_batch=2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    files = [_png(tmp_path / f"ok{i}.png", 0) for i in range(3)] + [broken, tmp_path / "absent.png"]
+    with pytest.raises(DataError, match=r"2 of 5 image\(s\) unusable: .*broken\.png.*absent\.png"):
+        predict(p.registry, ws, files)
 
 
 def test_a_flipped_byte_in_the_production_model_is_not_served(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_exif_orientation_is_the_same_in_prepare_and_predict(tmp_path: Path) -> 
     ws = _workspace(tmp_path, train, train)
     prepare(P, ws)
     (tmp_path / "photo.jpg").write_bytes(photo)
-    served = load_images([tmp_path / "photo.jpg"], 8, 3)[0]
+    served = load_images([tmp_path / "photo.jpg"], 8, 3)[0][0]
     np.testing.assert_array_equal(np.load(ws.images("train"))[0], served)
     row = pd.read_parquet(ws.manifest).iloc[0]
     assert (row["path"], row["height"], row["width"]) == ("a/photo.jpg", 16, 8)  # upright: 8 wide, 16 high

@@ -23,7 +23,7 @@ from tasks.blessing.reports import ExportReport
 from tasks.errors import DataError
 from tasks.export import input_contract
 from tasks.paths import Workspace
-from tasks.promote import images_for_contract, promote
+from tasks.promote import ContractImages, images_for_contract, promote
 from tasks.registry import IntegrityError, Registry
 
 from candidate_factory import (
@@ -294,8 +294,11 @@ def test_images_are_converted_to_another_models_contract(tmp_path: Path) -> None
     from tasks.data.prepared import load_split
 
     split = load_split(ws, "test")
-    assert images_for_contract(split, input_contract(3, 4)) is split.images
-    gray = images_for_contract(split, input_contract(1, 8))
+    same = split.images[:]
+    assert images_for_contract(same, input_contract(3, 4)) is same
+    view = ContractImages(split.images, input_contract(1, 8))
+    assert view.shape == (2, 1, 8, 8) and len(view) == 2
+    gray = np.concatenate([view[0:1], view[1:2]])  # converted batch by batch, as scoring reads it
     assert gray.shape == (2, 1, 8, 8)
     assert int(gray[1].min()) == int(gray[1].max()) == 200
     assert int(gray[0, 0, 0, 0]) == 76  # ITU-R 601 luma of pure red, as PIL converts

@@ -58,7 +58,7 @@ def tiny(**changes: Any) -> TrainParams:
     return dataclasses.replace(defaults, **{**tiny_defaults, **changes})
 
 
-MODEL = ModelParams(arch="resnet18", stem="cifar", weights="none")
+MODEL = ModelParams(arch="resnet18", stem="cifar", weights="none", normalization="data")
 REGISTRY = params.load(PROJECT / "params.yaml").registry
 
 
@@ -104,6 +104,54 @@ def test_same_seed_gives_identical_weights_on_cpu(tmp_path: Path) -> None:
         run(tiny(epochs=1, ema_decay=0.9, augment=dataclasses.replace(tiny().augment, cutout=3)), workspace)
         states.append(torch.load(workspace.candidate, weights_only=True)["state_dict"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_on_device_and_streamed_training_give_identical_weights_on_cpu(tmp_path: Path) -> None:
+    """train.data_on_device always vs never: same seed -> same batches, same augmentation, same weights."""
+    reports, states, histories = [], [], []
+    for choice in ("always", "never"):
+        workspace = Workspace(tmp_path / choice)
+        write_prepared(workspace)
+        a = dataclasses.replace(tiny().augment, cutout=3)
+        t = tiny(epochs=2, ema_decay=0.9, data_on_device=choice, prefetch_batches=2, augment=a)
+        reports.append(run(t, workspace))
+        states.append(load_candidate(workspace.candidate).state_dict)
+        with workspace.train_history.open() as fh:
+            histories.append([(r["train_loss"], r["test_accuracy"]) for r in csv.DictReader(fh)])
+    assert [r.data_placement for r in reports] == ["device", "streamed"]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), "weights differ between placements"
+    assert histories[0] == histories[1]
+
+
+def test_auto_streams_only_when_the_pixels_exceed_the_device_budget(tmp_path: Path) -> None:
+    nbytes = (48 + 16) * 8 * 8  # write_prepared: 64 grayscale 8x8 images
+    placements = []
+    for name, budget_gb in (("fits", nbytes / 1e9), ("exceeds", (nbytes - 1) / 1e9)):
+        workspace = Workspace(tmp_path / name)
+        write_prepared(workspace)
+        report = run(tiny(epochs=1, data_on_device="auto", device_budget_gb=budget_gb), workspace)
+        placements.append(report.data_placement)
+    assert placements == ["device", "streamed"]
+
+
+def test_the_imagenet_recipe_records_its_normalisation_and_evaluation_view(ws: Workspace) -> None:
+    """model.normalization imagenet + random-resized crop + eval_crop, from a local .pt, head only."""
+    from tasks.evaluate import score_candidate
+    from tasks.training.models import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(5)
+    torch.save(build_model("mobilenet_v3_small", "imagenet", 1000, 3).state_dict(), ws.root / "imagenet.pt")
+    recipe = ModelParams(arch="mobilenet_v3_small", stem="imagenet", weights="imagenet.pt", normalization="imagenet")
+    a = dataclasses.replace(tiny().augment, crop_padding=0, random_resized_crop=True, eval_crop=0.875)
+    result = run(tiny(epochs=1, freeze="backbone", augment=a, data_on_device="never"), ws, recipe)
+
+    candidate = load_candidate(ws.candidate)
+    gray = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3  # write_prepared's images are grayscale
+    assert candidate.normalization == {"mean": [gray[0]], "std": [gray[1]]}
+    assert candidate.eval_crop == 0.875 and candidate.weights_source.endswith("imagenet.pt")
+    # evaluate scores through Deployable, which applies the same view: it agrees with training's last evaluation
+    assert score_candidate(ws).scores.accuracy == result.test_accuracy
 
 
 def test_divergence_stops_with_a_clear_error_and_leaves_no_candidate(ws: Workspace) -> None:

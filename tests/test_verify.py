@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from tasks import params
-from tasks.blessing.reports import VerificationMetrics, VerificationReport
+from tasks.blessing.reports import ExportReport, VerificationMetrics, VerificationReport
 from tasks.errors import DataError
 from tasks.export import export
 from tasks.params import ExportParams, Params
@@ -39,8 +40,9 @@ def _sections(p: Params) -> VerifySections:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """An export with the ImageNet-style evaluation view (resize 18, centre-crop 16) inside the graph."""
     ws = Workspace(tmp_path_factory.mktemp("verify"))
-    tiny_candidate(ws, seed=5, n_test=12)
+    tiny_candidate(ws, seed=5, n_test=12, size=16, eval_crop=0.875)
     export(ExportParams(opset=18, fp16=False), ws)
     return ws
 
@@ -56,6 +58,8 @@ def test_batch_of_repeats_a_small_split() -> None:
 def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace) -> None:
     report = verify(_params(exported), exported)
     assert report == VerificationReport.read(exported.verification, "verify")
+    assert ExportReport.read(exported.export_report, "export").normalization.eval_crop == 0.875
+    assert "Resize" in {node.op_type for node in onnx.load(str(exported.onnx_model)).graph.node}
     assert report.passed and report.provider_requested == "cpu" and report.provider_active == "cpu"
     assert report.cuda_verified is False
     headline = VerificationMetrics.read(exported.verification_metrics, "verify")  # the DVC metrics

@@ -23,7 +23,7 @@ def test_a_candidate_file_with_other_classes_loads_all_but_the_head(tmp_path: Pa
     source = build_model("resnet18", "cifar", 10, 3)
     torch.save({"state_dict": source.state_dict(), "arch": "resnet18"}, tmp_path / "earlier.pt")
     model = build_model("resnet18", "cifar", 4, 3)
-    described = load_initial_weights(model, ModelParams("resnet18", "cifar", "earlier.pt"), Workspace(tmp_path))
+    described = load_initial_weights(model, ModelParams("resnet18", "cifar", "earlier.pt", "data"), Workspace(tmp_path))
     assert described == str(tmp_path / "earlier.pt")
     loaded, expected = model.state_dict(), source.state_dict()
     assert torch.equal(loaded["layer4.1.conv2.weight"], expected["layer4.1.conv2.weight"])
@@ -43,7 +43,7 @@ def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> 
     torch.save({"state_dict": {}, "arch": "resnet34"}, tmp_path / "other.pt")
     with pytest.raises(DataError, match=r"holds a resnet34 but model\.arch is resnet18"):
         model = build_model("resnet18", "cifar", 4, 3)
-        load_initial_weights(model, ModelParams("resnet18", "cifar", "other.pt"), Workspace(tmp_path))
+        load_initial_weights(model, ModelParams("resnet18", "cifar", "other.pt", "data"), Workspace(tmp_path))
     wrong = build_model("mobilenet_v3_small", "cifar", 4, 3).state_dict()
     with pytest.raises(DataError, match="does not fit the model"):
         transfer(build_model("resnet18", "cifar", 4, 3), wrong, "mobilenet.pt")
@@ -58,7 +58,7 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path: Path, monkeypa
     cached.parent.mkdir(parents=True)
     torch.save(imagenet, cached)
     model = build_model("resnet18", "cifar", 10, 3)
-    load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet"), Workspace(tmp_path))
+    load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet", "data"), Workspace(tmp_path))
     assert torch.equal(model.state_dict()["layer2.0.conv1.weight"], imagenet["layer2.0.conv1.weight"])
     conv1 = model.get_submodule("conv1")
     assert isinstance(conv1, nn.Conv2d)
@@ -75,11 +75,12 @@ def test_imagenet_weights_offline_name_the_file_they_expected(tmp_path: Path, mo
     expected = str(imagenet_cache_file("resnet18"))
     with pytest.raises(RuntimeUnavailable, match=f"put that file at {expected}"):
         model = build_model("resnet18", "cifar", 10, 3)
-        load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet"), Workspace(tmp_path))
+        load_initial_weights(model, ModelParams("resnet18", "cifar", "imagenet", "data"), Workspace(tmp_path))
 
 
 def test_production_weights_without_a_production_version_is_a_clear_error(tmp_path: Path) -> None:
     registry = params.load(PROJECT / "params.yaml").registry
     with pytest.raises(RegistryError, match="has no production version"):
         model = build_model("resnet18", "cifar", 4, 3)
-        load_initial_weights(model, ModelParams("resnet18", "cifar", "production"), Workspace(tmp_path), registry)
+        production = ModelParams("resnet18", "cifar", "production", "data")
+        load_initial_weights(model, production, Workspace(tmp_path), registry)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from tasks.blessing.reports import Versions
+from tasks.data.prepared import Images, image_batches
 from tasks.errors import RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -52,12 +53,12 @@ class Session:
         """Probabilities (N, K) float32 for uint8 images (N, C, H, W)."""
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
-    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        """`run` over any number of images, ``batch_size`` at a time."""
+    def probabilities(self, images: Images, batch_size: int) -> np.ndarray:
+        """`run` over any number of images, read and scored ``batch_size`` at a time."""
         if len(images) == 0:
             raise ValueError("no images to score")
-        parts = [self.run(np.ascontiguousarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts)
+        what = f"scoring with onnxruntime ({self.active})"
+        return np.concatenate([self.run(batch) for batch in image_batches(images, batch_size, what)])
 
 
 _cuda_failure: list[str] = []  # why CUDA could not be had, once tried in this process

@@ -29,6 +29,7 @@ class TrainReport(Record):
     steps_per_epoch: int
     peak_lr: float
     weights: str  # where training started from
+    data_placement: str = "device"  # device (whole splits held there) | streamed (from prepared/)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Normalization(Record):
     mean: list[float]  # per channel, 0..1 scale
     std: list[float]
     baked_in: bool  # inside the ONNX graph: consumers feed raw pixels
+    eval_crop: float = 1.0  # inside the graph too: resize to size / eval_crop, keep the centre; 1.0 = none
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Scoring a PyTorch model on uint8 images: probabilities in batches, and the classification metrics."""
+"""Scoring a PyTorch model on uint8 images: probabilities in batches, and the classification metrics.
+
+Images come in batches from a prepared file (or an array), so scoring holds one batch of pixels;
+only the probabilities, N x classes float32, are kept for the whole split.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tasks.blessing.reports import ClassScores
+from tasks.data.prepared import Images, image_batches
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +26,7 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def torch_probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+def torch_probabilities(model: torch.nn.Module, images: Images, device: torch.device) -> np.ndarray:
     """float32 probabilities (N, K) from a `Deployable` on uint8 images, fp32 (TF32 off)."""
     import torch
 
@@ -30,9 +35,8 @@ def torch_probabilities(model: torch.nn.Module, images: np.ndarray, device: torc
     model = model.to(device).eval()
     parts = []
     with torch.inference_mode():
-        for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + BATCH])).to(device)
-            parts.append(model(batch).float().cpu().numpy())
+        for batch in image_batches(images, BATCH, "scoring with PyTorch"):
+            parts.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     return np.concatenate(parts)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from tasks.errors import DataError
 from tasks.fs.atomic import atomic_write_bytes
-from tasks.training.models import TORCH_LOAD_ERRORS, build_model, normalize
+from tasks.training.models import TORCH_LOAD_ERRORS, build_model, eval_resize_crop, normalize
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Candidate:
     weights_source: str  # where training started from
     data_digest: str  # of the prepared arrays it was trained on
     metrics: dict[str, float]  # test_accuracy, train_loss, epochs, train_seconds, images_per_s
+    eval_crop: float = 1.0  # train.augment.eval_crop: the evaluation view `Deployable` applies (1.0 = none)
 
     def classifier(self) -> nn.Module:
         """The network with these weights, in eval mode, on the CPU, fp32."""
@@ -69,24 +70,34 @@ def load_candidate(path: Path) -> Candidate:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except TORCH_LOAD_ERRORS as exc:
         raise DataError(f"{path} is not a readable candidate checkpoint ({exc}); rerun the train stage") from exc
-    names = [f.name for f in dataclasses.fields(Candidate)]
-    missing = [k for k in names if not isinstance(raw, dict) or k not in raw]
+    fields = dataclasses.fields(Candidate)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    missing = [k for k in required if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: not a visionops candidate; rerun the train stage")
-    return Candidate(**{k: raw[k] for k in names})
+    return Candidate(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 class Deployable(nn.Module):
-    """uint8 images (N, C, H, W) -> float32 softmax probabilities (N, num_classes)."""
+    """uint8 images (N, C, H, W) -> float32 softmax probabilities (N, num_classes).
+
+    Inside: the evaluation view (resize + centre crop when ``eval_crop`` < 1), normalisation, the
+    classifier, softmax; exactly what training evaluated, so serving sees what evaluation saw.
+    """
 
     mean: torch.Tensor  # buffers, (1, C, 1, 1)
     std: torch.Tensor
 
-    def __init__(self, classifier: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self, classifier: nn.Module, mean: Sequence[float], std: Sequence[float], eval_crop: float = 1.0
+    ) -> None:
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if not 0 < eval_crop <= 1:
+            raise ValueError(f"eval_crop must be in (0, 1], got {eval_crop}")
         self.classifier = classifier
+        self.eval_crop = eval_crop
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -94,7 +105,8 @@ class Deployable(nn.Module):
     def of(cls, candidate: Candidate, classifier: nn.Module | None = None) -> Deployable:
         """``candidate`` (or another ``classifier`` built from it) with its normalisation baked in."""
         norm = candidate.normalization
-        return cls(classifier if classifier is not None else candidate.classifier(), norm["mean"], norm["std"]).eval()
+        classifier = classifier if classifier is not None else candidate.classifier()
+        return cls(classifier, norm["mean"], norm["std"], candidate.eval_crop).eval()
 
     @classmethod
     def from_candidate(cls, path: Path) -> Deployable:
@@ -102,5 +114,5 @@ class Deployable(nn.Module):
         return cls.of(load_candidate(path))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(normalize(images, self.mean, self.std))
+        logits = self.classifier(normalize(eval_resize_crop(images, self.eval_crop), self.mean, self.std))
         return torch.softmax(logits.float(), dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -13,6 +14,18 @@ STEMS: tuple[str, ...] = ("cifar", "imagenet")
 
 # What torch.load(weights_only=True) raises for a truncated, foreign or non-torch file.
 TORCH_LOAD_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
+# The per-channel statistics torchvision's ImageNet weights were trained with (RGB, 0..1 scale).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalization(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet's mean and std for ``channels``; grayscale takes the mean of the three (its first conv
+    is the sum of the RGB kernels, tasks/training/weights.py)."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+
 
 def build_model(arch: str, stem: str, num_classes: int, in_channels: int) -> nn.Module:
     """A randomly initialised torchvision classifier with its stem and head adapted.
@@ -70,10 +83,25 @@ def stem_conv_name(model: nn.Module) -> str:
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x/255 - mean) / std``; mean/std shaped (1, C, 1, 1).
 
-    Training (tasks/training/augment.py) and `Deployable` (tasks/training/candidate.py) both call
+    Training (tasks/training/splits.py) and `Deployable` (tasks/training/candidate.py) both call
     this, so train and serve see the same numbers.
     """
     return (images.to(torch.float32) - 255.0 * mean) * (1.0 / (255.0 * std))
+
+
+def eval_resize_crop(images: torch.Tensor, crop: float) -> torch.Tensor:
+    """The evaluation view: resize (bilinear) to ``size / crop``, keep the centre ``size`` square.
+
+    ``crop`` 0.875 on 224 px is the classic "resize 256, center-crop 224"; 1.0 returns ``images``
+    untouched. Training's evaluation and `Deployable` (so the ONNX model) both call this.
+    """
+    if crop >= 1.0:
+        return images
+    height, width = images.shape[-2:]
+    resized = (round(height / crop), round(width / crop))
+    x = F.interpolate(images.float(), size=resized, mode="bilinear", align_corners=False, antialias=False)
+    top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
+    return x[..., top : top + height, left : left + width]
 
 
 def set_train_mode(model: nn.Module, freeze: str) -> None:
