@@ -287,7 +287,8 @@ def _prefect(served: Served, *args: str) -> str:
     """A Prefect CLI command as README shows it, against the test's server; its output."""
     env = {**served.env, "COLUMNS": "250"}  # table cells unwrapped
     proc = run(["prefect", *args], served.ws.root, env=env, stdin=subprocess.DEVNULL)
-    assert "422" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    # the 422s of issue 11 (FastAPI 0.151 rejecting Prefect's explicit nulls); "422" alone can be part of an ID
+    assert "Unprocessable" not in proc.stdout + proc.stderr and "422 " not in proc.stderr, proc.stdout + proc.stderr
     return proc.stdout
 
 
