@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 HISTORY_SHOWN = 5  # history entries `visionops status` prints
-EPHEMERAL_STARTUP_S = 180  # s the temporary Prefect server may take to start
 
 
 def _say(message: str) -> None:
@@ -69,12 +68,15 @@ def pipeline_exit_code(state: State[Any]) -> int:
 
 
 def _run_pipeline(ws: Workspace, overrides: dict[str, Any]) -> State[Any]:
-    # Without PREFECT_API_URL the flow runs on a temporary local server; its first start creates
-    # the database, which takes longer than Prefect's 20 s default on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
+    from flows import temporary_server
+
+    # Without a configured Prefect API the flow runs on a temporary local server: started before
+    # Prefect is imported (it boots meanwhile), gone when this process ends, however it ends.
+    temporary_server.start_unless_configured()
     from flows.pipeline import training_pipeline
 
-    return training_pipeline(overrides=overrides, workspace=str(ws.root), return_state=True)
+    with temporary_server.prefect_api(on_start=lambda line: _say(f"visionops: {line}")):
+        return training_pipeline(overrides=overrides, workspace=str(ws.root), return_state=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,7 +158,7 @@ def _event_line(event: HistoryEvent) -> str:
 def format_status(status: RegistryStatus) -> str:
     production = status.production
     if production is None:
-        lines = ["production: none (nothing promoted yet: run `visionops quickstart` or `visionops run`)"]
+        lines = ["production: no production model yet (run `visionops quickstart` or `visionops run`)"]
     else:
         fields = production.to_json()
         lines = [f"production: version {production.version}", f"  model: {production.model_path}"]
@@ -239,18 +241,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visionops")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visionops",
         description="From an image dataset to a proven production ONNX model (DVC + Prefect).",
         epilog="exit codes: 0 done, 2 usage or config, 3 gate rejected (production unchanged), 1 other failure",
     )
-    parser.add_argument("--workspace", default=".", metavar="DIR", help="the git+DVC workspace (default: .)")
+    workspace_help = "the git+DVC workspace (default: .)"
+    parser.add_argument("--workspace", default=".", metavar="DIR", help=workspace_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
+        # also after the command (`visionops status --workspace DIR`); absent there, the global one holds
+        sub.add_argument("--workspace", default=argparse.SUPPRESS, metavar="DIR", help=workspace_help)
         return sub
 
     set_help = "override a params.yaml key, as `dvc exp run -S` (repeatable; written into params.yaml)"
@@ -289,7 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.started = started
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`visionops status | head`) is handled below
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_FAILED
     except VisionopsError as exc:
         _say(f"visionops: error: {_one_line(str(exc))}")
         return exc.exit_code

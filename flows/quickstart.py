@@ -56,12 +56,15 @@ def quickstart_overrides(cuda: bool, extra: Mapping[str, Any]) -> tuple[dict[str
 
 def closing_report(ws: Workspace, summary: RunSummary, wall_s: float) -> str:
     """What trained where, what was verified on which provider, what is in production, how long."""
-    from tasks.blessing.reports import TrainReport, VerificationReport
+    from tasks.blessing.reports import MetricsReport, TrainReport, VerificationReport
 
     train = TrainReport.read(ws.train_summary, "train")
+    metrics = MetricsReport.read(ws.metrics, "evaluate")
     verification = VerificationReport.read(ws.verification, "verify")
     outside = max(wall_s - sum(summary.stage_seconds.values()), 0.0)
     lines = [
+        f"test accuracy:  {metrics.accuracy:.4f} on {metrics.n_test} images (macro F1 {metrics.macro_f1:.4f});"
+        f" the ONNX model: {verification.accuracy.onnx:.4f}",
         f"trained on:     {train.device_name}",
         f"verified with:  onnxruntime {verification.provider_active}",
     ]

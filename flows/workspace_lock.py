@@ -1,9 +1,9 @@
 """At most one pipeline run works in a workspace at a time: an exclusive file lock under .visionops/.
 
 The lock is an ``flock`` on ``.visionops/pipeline.lock``: the kernel drops it when the last
-process holding its file descriptor ends, so a killed run never leaves a stale lock behind. Stage
-processes inherit that descriptor (:func:`held_lock_fd`): if a run is killed mid-stage, the
-workspace stays locked until the orphaned stage has finished. The holder writes who it is into
+process holding its file descriptor ends, so a killed run never leaves a stale lock behind. The
+run's ``dvc repro`` inherits that descriptor (:func:`held_lock_fd`): if a run is killed mid-stage,
+the workspace stays locked until the orphaned DVC has finished. The holder writes who it is into
 the file, so a run that has to wait can say what it is waiting for.
 """
 
@@ -86,7 +86,7 @@ def workspace_lock(
         finally:
             del _held[ws.root]
             os.ftruncate(fd, 0)
-            # No LOCK_UN: a stage process still running (its run was killed) shares the lock and
-            # keeps it until it exits; closing our descriptor is all that releases our share.
+            # No LOCK_UN: a DVC still running (its run was killed) shares the lock and keeps it
+            # until it exits; closing our descriptor is all that releases our share.
     finally:
         os.close(fd)

@@ -115,6 +115,11 @@ class Workspace:
         return self.reports / "metrics.json"
 
     @property
+    def evaluation_metrics(self) -> Path:
+        """DVC metrics of evaluate: accuracy, macro F1 and the floor's verdict (per-class scores stay in metrics)."""
+        return self.root / "metrics" / "evaluate.json"
+
+    @property
     def confusion(self) -> Path:
         """CSV of (actual, predicted) class names, one row per test image, for `dvc plots`."""
         return self.reports / "confusion.csv"
@@ -140,6 +145,11 @@ class Workspace:
     @property
     def verification(self) -> Path:
         return self.reports / "verification.json"
+
+    @property
+    def verification_metrics(self) -> Path:
+        """DVC metrics of verify: ONNX parity and latency."""
+        return self.root / "metrics" / "verify.json"
 
     # runtime state, git-ignored
     @property

@@ -246,10 +246,25 @@ def _pool(ws: Workspace) -> ProcessPoolExecutor | None:
 
 SPEC = StageSpec(
     "prepare",
-    params=("data.image_size", "data.channels"),
+    # data.source only to notice a source changed without `visionops ingest` (check_ingested)
+    params=("data.source", "data.image_size", "data.channels"),
     reads=lambda ws: [ws.data],
     writes=lambda ws: [ws.prepared],
 )
+
+
+def check_ingested(p: DataParams, ws: Workspace) -> None:
+    """data/ must be what data.source names: a source changed in params.yaml but never ingested
+    would otherwise be prepared from the old data without a word. (data/ written by other means
+    than ingest, without source.json, is taken as it is.)"""
+    if not ws.data_source.is_file():
+        return
+    ingested = SourceSummary.read(ws.data_source, "ingest").source
+    if ingested != p.source:
+        raise DataError(
+            f"params.yaml has data.source: {p.source}, but data/ holds {ingested}:"
+            " run `visionops ingest` to bring the new source in (or `visionops run`), then `dvc repro`"
+        )
 
 
 def prepare(p: DataParams, ws: Workspace) -> PrepareReport:
@@ -305,7 +320,9 @@ def prepare(p: DataParams, ws: Workspace) -> PrepareReport:
 
 
 def main() -> None:
-    prepare(params.load().data, Workspace.here())
+    p, ws = params.load().data, Workspace.here()
+    check_ingested(p, ws)  # the stage's check (dvc repro); prepare() itself prepares whatever data/ holds
+    prepare(p, ws)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tasks.blessing.reports import (
     Latency,
     Parity,
     Throughput,
+    VerificationMetrics,
     VerificationReport,
 )
 from tasks.blessing.scoring import torch_probabilities
@@ -193,7 +194,7 @@ SPEC = StageSpec(
     "verify",
     params=("verify", "registry.max_batch_size"),
     reads=lambda ws: [ws.exported, ws.candidate, ws.images("test"), ws.labels("test"), ws.classes],
-    writes=lambda ws: [ws.verification],
+    writes=lambda ws: [ws.verification, ws.verification_metrics],
 )
 
 
@@ -268,6 +269,7 @@ def verify(sections: VerifySections, ws: Workspace) -> VerificationReport:
         versions=versions(session.active),
     )
     report.write(ws.verification)
+    VerificationMetrics.of(report).write(ws.verification_metrics)
     if session.active != "cuda":
         log.warning("verified on the CPU: CUDA was NOT verified (cuda_verified: false in %s)", ws.verification)
     if failures:

@@ -1,8 +1,4 @@
-"""Reading a flow run's task runs, logs and artifacts back from a real Prefect API (test helpers).
-
-Prefect 3.8.8's sync client sends None for omitted sort/limit/filter fields, which its API then
-refuses (422): every call here passes them all.
-"""
+"""Reading a flow run's task runs, logs and artifacts back from a real Prefect API (test helpers)."""
 
 from __future__ import annotations
 
@@ -10,6 +6,8 @@ from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
@@ -25,34 +23,25 @@ from prefect.client.schemas.sorting import FlowRunSort, LogSort, TaskRunSort
 PAGE = 200  # API rows read at once
 
 
-def _of_run(flow_run_id: UUID) -> FlowRunFilter:
-    return FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-
-
 def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID) -> set[str]:
     """Keys of the artifacts of a flow run, made in its tasks or in the flow itself."""
-    # An (always sent) task-run filter would drop the flow's own artifacts: filter on the artifact.
-    body = {
-        "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-        "limit": PAGE,
-        "offset": 0,
-        "sort": "CREATED_DESC",
-    }
-    return {a["key"] for a in client.request("POST", "/artifacts/filter", json=body).json() if a["key"]}
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])), limit=PAGE
+    )
+    return {a.key for a in artifacts if a.key}
 
 
 def task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> list[TaskRun]:
     return client.read_task_runs(
-        flow_run_filter=_of_run(flow_run_id), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=PAGE
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        limit=PAGE,
     )
 
 
 def log_lines(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
     logs = client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-        limit=PAGE,
-        offset=0,
-        sort=LogSort.TIMESTAMP_ASC,
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC
     )
     return [entry.message for entry in logs]
 
@@ -63,5 +52,4 @@ def scheduled_runs(client: SyncPrefectClient, deployment_id: UUID) -> list[FlowR
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
         sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-        limit=PAGE,
     )

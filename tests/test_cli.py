@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from prefect.states import Completed, Crashed, Failed
 
 from flows.cli import main, pipeline_exit_code
-from flows.prefect_tasks import REJECTED, StageFailed
+from flows.dvc_repro import StageFailed
+from flows.prefect_tasks import REJECTED
 from tasks.errors import VisionopsError
 from tasks.params import load
 from tasks.paths import Workspace
@@ -83,7 +86,8 @@ def test_a_file_system_error_is_one_line_not_a_traceback(ws: Path, capsys: pytes
 
 def test_status_before_any_promotion(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(ws, "status") == 0
-    assert capsys.readouterr().out.startswith("production: none")
+    out = capsys.readouterr().out
+    assert out.startswith("production: no production model yet") and "None" not in out
     assert _main(ws, "status", "--json") == 0
     status = json.loads(capsys.readouterr().out)
     assert status["production"] is None and status["history"] == []
@@ -107,6 +111,34 @@ def test_pipeline_states_map_to_exit_codes(capsys: pytest.CaptureFixture[str]) -
         pipeline_exit_code(Failed(data=StageFailed("train", "TrainingDiverged: loss is nan", "")))
     with pytest.raises(VisionopsError, match="pipeline run ended Crashed: worker died"):
         pipeline_exit_code(Crashed(message="worker died"))
+
+
+def test_workspace_may_follow_the_command_and_wins_there(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--workspace", str(ws)]) == 0
+    assert main(["--workspace", str(ws / "elsewhere"), "status", "--workspace", str(ws)]) == 0
+    assert capsys.readouterr().out.count("production: no production model yet") == 2
+    assert main(["status", "--workspace", str(ws / "elsewhere")]) == 2  # there is no params.yaml there
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"visionops {version('visionops')}\n"
+
+
+@pytest.mark.integration
+def test_a_reader_that_leaves_early_gets_no_broken_pipe_traceback(ws: Path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # like `visionops status | head` once head has read enough and exited
+    try:
+        cmd = ["visionops", "status", "--json"]
+        proc = subprocess.run(cmd, cwd=ws, stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
 
 
 @pytest.mark.integration

@@ -114,7 +114,8 @@ def test_ingest_and_prepare_run_inside_a_limit_half_the_decoded_size(
 ) -> None:
     decoded_mb = IMAGES * 3 * IMAGE_SIZE * IMAGE_SIZE / 2**20
     assert decoded_mb >= 2 * LIMIT_MB, "the dataset must not fit in the limit"
-    write_overrides(workspace.params_file, {"data.image_size": IMAGE_SIZE})
+    # data.source as `visionops ingest --source` records it: prepare refuses data/ from another source
+    write_overrides(workspace.params_file, {"data.image_size": IMAGE_SIZE, "data.source": str(source)})
     commands = {
         "ingest": [sys.executable, "-m", "tasks.ingest", "--source", str(source)],
         "prepare": [sys.executable, "-m", "tasks.prepare"],

@@ -196,5 +196,12 @@ def test_params_are_what_the_stage_declares_and_reads(stage: str) -> None:
     assert received == {key.split(".")[0] for key in declared.params}
 
 
-def test_evaluate_declares_metrics_json_as_dvc_metrics() -> None:
-    assert "reports/metrics.json" in _names(STAGES["evaluate"]["metrics"])
+def test_dvc_metrics_are_the_headline_files_only_and_no_key_repeats() -> None:
+    from tasks.blessing.reports import EvaluationMetrics, VerificationMetrics
+
+    declared = {path: stage for stage, spec in STAGES.items() for path in _names(spec.get("metrics", []))}
+    assert declared == {"metrics/evaluate.json": "evaluate", "metrics/verify.json": "verify"}
+    assert {WS.evaluation_metrics, WS.verification_metrics} == {WS.root / path for path in declared}
+    evaluate_keys = {f.name for f in dataclasses.fields(EvaluationMetrics)}
+    verify_keys = {f.name for f in dataclasses.fields(VerificationMetrics)}
+    assert not evaluate_keys & verify_keys, "a metric key in two files collides in `dvc metrics show`"

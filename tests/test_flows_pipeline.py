@@ -2,8 +2,10 @@
 
 Each stage only appends its name to steps.log (one may exit 3 or 1 instead), so these tests cover
 what the flow itself does: ingest first, one task per dvc.yaml stage in its order, promotion last,
-a gate rejection ending the run Rejected with production unchanged, and a failure naming the stage.
-The candidate that promotion gates is a hand-built one (tests/candidate_factory.py).
+a gate rejection (a stage exiting 3, or evaluate's recorded floor) ending the run Rejected with
+production unchanged, a failure naming the stage, and the run's overrides kept in params.yaml when
+it completes and taken back when it fails. The candidate that promotion gates is a hand-built one
+(tests/candidate_factory.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from prefect.client.orchestration import get_client
 from prefect.states import State
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.dvc_repro import StageFailed
 from flows.pipeline import RunSummary, training_pipeline
-from flows.prefect_tasks import REJECTED, StageFailed, dvc_stages
+from flows.prefect_tasks import REJECTED, dvc_stages
 from tasks.params import load
 from tasks.paths import Workspace
 from tasks.registry import Registry
@@ -71,11 +74,11 @@ def _trivial_stages(ws: Workspace, failing: dict[str, str] | None = None) -> Non
     ws.dvc_yaml.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
 
 
-def _verified_candidate(ws: Workspace) -> None:
+def _verified_candidate(ws: Workspace, gate_passed: bool = True) -> None:
     """A candidate, its reports and the test split, as if the real stages had just run: right on every image."""
     labels = np.random.default_rng(0).integers(0, 3, 12)
     write_split(ws, answers_images([answers_for(labels, np.ones(12, bool), 3)], 3), labels, CLASSES3)
-    pixel_reader_candidate(ws, read_channel=0)
+    pixel_reader_candidate(ws, read_channel=0, gate_passed=gate_passed)
 
 
 def _run(ws: Workspace) -> State[Any]:
@@ -106,6 +109,8 @@ def test_ingest_then_one_task_per_stage_in_order_then_promotion(harness: None, w
     assert _steps(workspace) == STAGES
     assert _task_names(state) == ["ingest", *STAGES, "promote"]
     assert (workspace.root / "data.dvc").is_file(), "ingest did not version data/"
+    kept = load(workspace.params_file)  # a completed run keeps its overrides, as `dvc exp run -S` does
+    assert (kept.data.image_size, kept.gate.min_accuracy, kept.promote.require_provider) == (8, 0.5, "cpu")
 
 
 def test_a_stage_exiting_3_ends_the_run_rejected_and_production_unchanged(
@@ -124,8 +129,24 @@ def test_a_stage_exiting_3_ends_the_run_rejected_and_production_unchanged(
     assert file_tree(workspace.root / "registry") == before
 
 
+def test_a_floor_evaluate_recorded_as_failed_lets_dvc_finish_then_ends_rejected_without_promotion(
+    harness: None, workspace: Workspace
+) -> None:
+    _trivial_stages(workspace)
+    _verified_candidate(workspace, gate_passed=False)
+    state = _run(workspace)
+    assert state.is_completed() and state.name == REJECTED
+    assert (state.message or "").startswith("evaluate: candidate fails the accuracy floor: accuracy 0.9000 < ")
+    assert (state.message or "").endswith("(production unchanged: none yet)")
+    assert _steps(workspace) == STAGES, "DVC did not finish the stages after evaluate, as `dvc repro` would"
+    assert _task_names(state) == ["ingest", *STAGES]
+    registry = Registry.open(workspace, load(workspace.params_file).registry)
+    assert registry.production() is None and registry.events().events == [], "an unblessed candidate was promoted"
+
+
 def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspace: Workspace) -> None:
     _trivial_stages(workspace, {"validate": FAIL.format(error="ValidationFailed: 1 expectation failed", code=1)})
+    before = workspace.params_file.read_bytes()
     state = _run(workspace)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
@@ -137,3 +158,4 @@ def test_a_stage_exiting_1_fails_the_run_naming_the_stage(harness: None, workspa
     registry = Registry.open(workspace, load(workspace.params_file).registry)
     assert registry.production() is None and registry.events().events == []
     assert sorted(p.name for p in (workspace.root / "registry").rglob("*") if p.is_file()) == ["production.json"]
+    assert workspace.params_file.read_bytes() == before, "a failed run left its overrides in params.yaml"

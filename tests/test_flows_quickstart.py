@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flows.overrides import check_overrides
@@ -14,7 +15,7 @@ from flows.quickstart import (
 )
 from tasks.paths import Workspace
 
-from candidate_factory import export_contract, train_report, verification_report
+from candidate_factory import export_contract, metrics_report, train_report, verification_report
 from conftest import PROJECT
 
 SUMMARY = RunSummary(1, "/ws/registry/m/1/model.onnx", stage_seconds={"train": 60.0, "verify": 20.0}, flow_seconds=90.0)
@@ -52,11 +53,15 @@ def _reports(root: Path, provider: str) -> Workspace:
     (ws.root / "model.onnx").write_bytes(b"onnx")
     export = export_contract(ws.root / "model.onnx", ws.root / "model.onnx", ["a", "b"], 3, 4)
     verification_report(export, provider).write(ws.verification)
+    metrics_report(0.875, export.candidate_sha256, ["a", "b"]).write(ws.metrics)
     return ws
 
 
 def test_the_closing_report_says_cuda_was_not_verified(tmp_path: Path) -> None:
     text = closing_report(_reports(tmp_path, "cpu"), SUMMARY, wall_s=100.0)
+    verification = json.loads((tmp_path / "reports" / "verification.json").read_text())
+    onnx = verification["accuracy"]["onnx"]
+    assert f"test accuracy:  0.8750 on 2 images (macro F1 0.8750); the ONNX model: {onnx:.4f}" in text
     assert "trained on:     cpu (2 threads)" in text
     assert "verified with:  onnxruntime cpu" in text
     assert "CUDA was not verified" in text

@@ -22,7 +22,7 @@ from tasks.data import raw, swap, versioning
 from tasks.data.versioning import VersionIncomplete
 from tasks.errors import DataError, RuntimeUnavailable
 from tasks.ingest import STAGING_PREFIX, ingest
-from tasks.params import DataParams, SyntheticParams, load
+from tasks.params import DataParams, SyntheticParams, load, write_overrides
 from tasks.paths import Workspace
 from tasks.registry import Registry
 
@@ -380,6 +380,8 @@ def test_data_that_fails_validation_is_put_back_under_dvc_repro(workspace: Works
     assert not accepted.exists(), "validate passed: the version is accepted"
     before = _snapshot(workspace)
     write_class_folders(tmp_path / "too-few", {"a": 3, "b": 3})  # below validate.min_per_class
+    # data.source as `visionops ingest --source` records it: prepare refuses data/ from another source
+    write_overrides(workspace.params_file, {"data.source": str(tmp_path / "too-few")})
     ingest(good, workspace, source=str(tmp_path / "too-few"))
     assert _snapshot(workspace) != before
     proc = run(["dvc", "repro", "validate"], workspace.root, check=False)

@@ -1,11 +1,18 @@
 """End to end: `visionops quickstart` in a fresh git+DVC repo on Prefect's test harness, then the
-promoted model in onnxruntime, `dvc repro` as a no-op, and a gate rejection that changes nothing."""
+promoted model in onnxruntime, `dvc repro` re-checking drift only, a gate rejection that changes nothing, the
+HTML reports in a headless browser with no network, and `dvc exp run` comparing a weak and a good
+setting while the flow and `visionops promote` refuse the weak one."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
+import csv
 import io
 import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +38,7 @@ from tasks import params as params_module
 from tasks.paths import Workspace
 from tasks.registry import Registry
 
-from conftest import copy_workspace, file_tree, run
+from conftest import PROJECT, copy_workspace, file_tree, run
 from prefect_queries import artifact_keys, task_runs
 
 pytestmark = pytest.mark.slow
@@ -86,6 +93,8 @@ def test_quickstart_promotes_and_says_where_it_trained_and_verified(quickstart: 
     assert "quickstart: data.source=synthetic" in out
     assert "trained on:" in out and "verified with:  onnxruntime" in out
     assert "production:     version 1" in out and "wall time:" in out
+    accuracy = json.loads(quickstart.ws.evaluation_metrics.read_text())["accuracy"]
+    assert f"test accuracy:  {accuracy:.4f} on 48 images" in out
     verification = json.loads(quickstart.ws.verification.read_text())
     assert ("CUDA was not verified" in out) == (not verification["cuda_verified"])
     if not verification["cuda_verified"]:
@@ -140,7 +149,9 @@ def test_the_run_published_its_artifacts(quickstart: Quickstart) -> None:
     assert names == {"ingest", *STAGES, "promote"}
 
 
-def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quickstart: Quickstart) -> None:
+def test_a_rejected_candidate_exits_3_leaves_production_byte_for_byte_and_dvc_repro_nothing_to_do(
+    quickstart: Quickstart,
+) -> None:
     registry = quickstart.ws.root / "registry"
     before = file_tree(registry)
     # The candidate was verified on onnxruntime's CPU provider; demanding CUDA must refuse it.
@@ -153,6 +164,104 @@ def test_a_rejected_candidate_exits_3_and_leaves_production_byte_for_byte(quicks
     state = latest.state
     assert state is not None and state.type.value == "COMPLETED" and state.name == "Rejected"
     assert "cuda" in (state.message or "").lower()
+    # Nothing was promoted, so validate's drift baseline is as it was: `dvc repro` has nothing to do.
+    again = run(["dvc", "repro"], quickstart.ws.root)
+    assert "Data and pipelines are up to date." in again.stdout, again.stdout
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-quic",
+    # no network at all: no name resolves, and anything else goes to a closed port
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+]  # fmt: skip
+REMOTE_ASSET = re.compile(r"""<(?:script|link|img)\b[^>]*\b(?:src|href)=["']?https?://""", re.IGNORECASE)
+
+
+def _rendered_dom(page: Path, profile: Path) -> str:
+    """The page's DOM after its scripts ran, in a real headless Chromium that cannot reach any network."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is needed for this check: `apt-get install chromium` (as .ci/run does)")
+    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom"]
+    return run([*cmd, page.as_uri()], page.parent, timeout=120).stdout
+
+
+def _offline_plots_config(ws: Workspace) -> None:
+    """This project's `dvc plots` page template and the .dvc/config line that names it, in ``ws``."""
+    config = configparser.ConfigParser()
+    config.read(PROJECT / ".dvc" / "config")
+    template = config["plots"]["html_template"]
+    shutil.copy2(PROJECT / ".dvc" / template, ws.root / ".dvc" / template)
+    run(["dvc", "config", "plots.html_template", template], ws.root)
+
+
+def test_dvc_plots_and_the_data_docs_render_with_no_network(quickstart: Quickstart, tmp_path: Path) -> None:
+    ws = quickstart.ws
+    (ws.root / ".dvc" / "plots").mkdir(exist_ok=True)
+    _offline_plots_config(ws)
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], ws.root)
+    page = tmp_path / "plots" / "index.html"
+    assert not REMOTE_ASSET.search(page.read_text()), "the dvc plots page loads something from the network"
+    dom = _rendered_dom(page, tmp_path / "chromium-plots")
+    # train_loss, test_accuracy, learning_rate, throughput and the confusion matrix: drawn, once each
+    drawn = re.findall(r'<(?:canvas|svg)\b[^>]*\bclass="marks"', dom)
+    assert len(drawn) == 5, dom[-3000:]
+    docs = ws.data_docs / "index.html"
+    for html in ws.data_docs.rglob("*.html"):
+        assert not REMOTE_ASSET.search(html.read_text()), f"{html} loads something from the network"
+    dom = _rendered_dom(docs, tmp_path / "chromium-docs")
+    suites = {p.stem for p in (ws.data_docs / "expectations").glob("*.html")}
+    rows = re.findall(r"<tr>\s*<td>\s*<a href=\"validations/", dom)
+    assert len(rows) == len(suites) >= 3, dom[-2000:]
+    assert all(suite in dom for suite in suites)
+
+
+def _table_width(text: str) -> int:
+    return max(len(line.rstrip()) for line in text.splitlines())
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> set[str]:
+    """params.yaml's keys as `dvc exp show` names its columns (data.synthetic.train_per_class)."""
+    keys: set[str] = set()
+    for key, value in tree.items():
+        keys |= _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return keys
+
+
+def test_dvc_exp_compares_a_weak_and_a_good_setting_and_nothing_unblessed_gets_promoted(
+    quickstart: Quickstart, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = quickstart.ws
+    registry = ws.root / "registry"
+    before = file_tree(registry)
+    run(["dvc", "repro"], ws.root)  # after a promoting run: validate re-checks drift (a no-op if done already)
+    run(["git", "add", "-A"], ws.root)  # the baseline, committed as a DVC user commits a run's params and lock
+    run(["git", "commit", "-qm", "quickstart"], ws.root)
+    # A floor the one-epoch candidate cannot reach: DVC finishes every stage and records the verdict.
+    run(["dvc", "exp", "run", "-n", "weak", "-S", "gate.min_accuracy=0.999"], ws.root)
+    verdict = json.loads(ws.evaluation_metrics.read_text())["gate"]
+    assert verdict["passed"] is False and "gate.min_accuracy 0.9990" in verdict["reasons"]
+    assert json.loads(ws.verification_metrics.read_text())["onnx_diff_of_atol"] < 1, "verify did not run"
+    # The flow and promote refuse the candidate evaluate recorded as failing (exit 3), production unchanged.
+    assert main(["--workspace", str(ws.root), "run"]) == 3
+    assert "evaluate: candidate fails the accuracy floor" in capsys.readouterr().err
+    assert main(["--workspace", str(ws.root), "promote"]) == 3
+    assert file_tree(registry) == before
+    run(["dvc", "exp", "run", "-n", "good", "-S", "gate.min_accuracy=0.0"], ws.root)
+    shown = run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--csv"], ws.root).stdout
+    rows = {row["Experiment"]: row for row in csv.DictReader(shown.splitlines()) if row["Experiment"]}
+    assert rows["weak"]["gate.passed"] == "False" and rows["good"]["gate.passed"] == "True", shown
+    assert rows["weak"]["gate.min_accuracy"] == "0.999" and rows["good"]["gate.min_accuracy"] == "0.0", shown
+    # Narrow enough to read in a terminal: headline metrics only, no per-class columns, no repeated key.
+    metrics = run(["dvc", "metrics", "show"], ws.root).stdout
+    assert _table_width(metrics) <= 120, metrics
+    table = run(["dvc", "exp", "show", "--no-pager", "--only-changed"], ws.root, env={**os.environ, "COLUMNS": "400"})
+    assert _table_width(table.stdout) <= 160, table.stdout
+    columns = next(csv.reader(run(["dvc", "exp", "show", "--no-pager", "--csv"], ws.root).stdout.splitlines()))
+    metric_columns = [c for c in columns if c not in _dotted_keys(yaml.safe_load(ws.params_file.read_text()))]
+    assert metric_columns.count("accuracy") == 1, metric_columns
+    assert not [c for c in metric_columns if "per_class" in c or "confusion" in c], metric_columns
 
 
 def test_reproduce_in_a_fresh_clone_rebuilds_version_1_with_the_same_weights(

@@ -20,7 +20,8 @@ from tasks.params import DataParams, SyntheticParams
 from tasks.paths import Workspace
 from tasks.prepare import prepare
 
-from conftest import ingest_bounds, write_raw
+from candidate_factory import write_params
+from conftest import ingest_bounds, run, write_raw
 
 P = DataParams("synthetic", 8, 3, 0.25, 0, SyntheticParams(2, 2, 2), ingest_bounds())
 
@@ -105,6 +106,18 @@ def test_missing_data_says_to_ingest(tmp_path: Path) -> None:
         prepare(P, Workspace(tmp_path))
 
 
+@pytest.mark.integration
+def test_dvc_repro_after_data_source_changed_without_ingest_says_to_ingest(workspace: Workspace) -> None:
+    write_params(workspace, {"data.synthetic.train_per_class": 3, "data.synthetic.test_per_class": 2})
+    run(["visionops", "ingest"], workspace.root)
+    run(["dvc", "repro", "prepare"], workspace.root)
+    write_params(workspace, {"data.source": "cifar10"})  # edited by hand; nobody ran `visionops ingest`
+    proc = run(["dvc", "repro", "prepare"], workspace.root, check=False)
+    assert proc.returncode != 0, "dvc repro prepared the old data for a new source: " + proc.stdout
+    output = proc.stdout + proc.stderr
+    assert "data.source: cifar10, but data/ holds synthetic" in output and "run `visionops ingest`" in output
+
+
 def test_arrays_are_npy_files_a_reader_can_memory_map(tmp_path: Path) -> None:
     train = [RawImage(f"{c}/{i}.png", c, _png(10 * k + i)) for k, c in enumerate("ab") for i in range(3)]
     ws = _workspace(tmp_path, train, train[:2])
@@ -159,6 +172,7 @@ def test_module_entry_reports_a_broken_parquet_file_in_one_line(tmp_path: Path) 
     train = [RawImage(f"{c}/{i}.png", c, _png(10 * k + i)) for k, c in enumerate("ab") for i in range(4)]
     ws = _workspace(tmp_path, train, train[:2])
     shutil.copy(PROJECT / "params.yaml", ws.params_file)
+    write_params(ws, {"data.source": "test"})  # the source write_raw's data/ says it holds
     shard = _broken_shard(ws)
     proc = run(["python", "-m", "tasks.prepare"], ws.root, check=False)
     assert proc.returncode == 1, proc.stderr

@@ -1,18 +1,22 @@
-"""`visionops serve` against a real `prefect server start` on a loopback port: the deployment and
-its cron come from params.yaml, the server schedules runs from it, a triggered run with overrides
-completes and promotes, and two runs triggered together never work in the workspace at once."""
+"""`visionops serve` and every Prefect command README shows, against a real `prefect server start`
+on a loopback port: the deployment and its cron come from params.yaml, the server schedules runs
+from it, a triggered run with overrides completes and promotes, two runs triggered together never
+work in the workspace at once, a failed run puts params.yaml back, the CLI lists and inspects what
+the runs left, prefect.yaml deploys to a work pool whose worker runs the flow, and `serve` keeps
+running runs after the server restarts."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -35,6 +39,7 @@ from flows.artifacts import (
     VALIDATION_KEY,
     VERIFICATION_KEY,
 )
+from flows.prefect_tasks import dvc_stages
 from flows.serve import check_schedule
 from tasks.params import ConfigError, load, write_overrides
 from tasks.paths import Workspace
@@ -42,6 +47,7 @@ from tasks.paths import Workspace
 from conftest import PROJECT, copy_workspace, run
 from prefect_queries import artifact_keys, log_lines, scheduled_runs, task_runs
 
+STAGES = dvc_stages(Workspace(PROJECT))
 CRON, TIMEZONE, DEPLOYMENT = "17 4 * * 1", "Europe/Berlin", "weekly-test"  # not the defaults: read from params.yaml
 OVERRIDES = {
     "data.source": "synthetic",
@@ -62,11 +68,14 @@ RUN_S = 600  # both triggered runs, one after the other
 SCHEDULER_S = 60  # the server's scheduler loop runs every 5 s here (PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
     ws: Workspace
     env: dict[str, str]
     api_url: str
+    server: subprocess.Popen
+    serve_log: Path
+    restart_server: Callable[[], subprocess.Popen]
 
 
 def _free_port() -> int:
@@ -111,11 +120,16 @@ def served(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory) -
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
     }
     server_log = root / "server.log"
-    server = subprocess.Popen(
-        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+
+    def start_server() -> subprocess.Popen:
+        return subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, stdout=server_log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    server = start_server()
     serve = None
+    served: Served | None = None
     try:
         _wait_for("prefect server", lambda: _healthy(api_url), server, server_log)
         ws = copy_workspace(workspace_template, root / "ws", root / "dvc-remote")
@@ -130,11 +144,12 @@ def served(workspace_template: Path, tmp_path_factory: pytest.TempPathFactory) -
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             with get_client(sync_client=True) as client:
                 _wait_for("visionops serve", lambda: _deployment(client), serve, serve_log)
-            yield Served(ws, env, api_url)
+            served = Served(ws, env, api_url, server, serve_log, start_server)
+            yield served
     finally:
         if serve is not None:
             _stop(serve)
-        _stop(server, signal.SIGTERM)
+        _stop(served.server if served is not None else server, signal.SIGTERM)
 
 
 def _healthy(api_url: str) -> bool | None:
@@ -171,8 +186,6 @@ def test_the_server_schedules_runs_from_that_cron(served: Served) -> None:
         deployment = client.read_deployment_by_name(f"training-pipeline/{DEPLOYMENT}")
         while not (scheduled := scheduled_runs(client, deployment.id)) and time.monotonic() < deadline:
             time.sleep(2)
-    # Prefect 3.8.8's scheduler cannot insert runs under SQLAlchemy 2.1 ("Can't evaluate bulk DML
-    # statement" in server.log); it works with sqlalchemy<2.1.
     assert scheduled, f"the server's scheduler created no run from {CRON!r} in {SCHEDULER_S} s (see server.log)"
     berlin = ZoneInfo(TIMEZONE)
     for flow_run in scheduled:
@@ -252,16 +265,79 @@ def test_prefect_yaml_deploys_the_same_flow_on_the_schedule_of_params_yaml() -> 
     assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1
 
 
+def _ended_run(overrides: dict[str, object], timeout_s: float) -> FlowRun:
+    """A run of the served deployment, triggered from Python, once it has ended."""
+    triggered = run_deployment(f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": overrides}, timeout=0)
+    assert isinstance(triggered, FlowRun)
+    with get_client(sync_client=True) as client:
+        return _wait_final(client, triggered.id, time.monotonic() + timeout_s)
+
+
 @pytest.mark.slow
 def test_a_triggered_run_with_a_typo_fails_naming_the_key_before_touching_anything(served: Served) -> None:
     before = served.ws.params_file.read_bytes()
-    triggered = run_deployment(
-        f"training-pipeline/{DEPLOYMENT}", parameters={"overrides": {"train.epoch": 1}}, timeout=0
-    )
-    assert isinstance(triggered, FlowRun)
-    with get_client(sync_client=True) as client:
-        flow_run = _wait_final(client, triggered.id, time.monotonic() + STARTUP_S)
-    state = flow_run.state
+    state = _ended_run({"train.epoch": 1}, STARTUP_S).state
     assert state is not None and state.type.value == "FAILED"
     assert "unknown key train.epoch" in (state.message or "")
     assert served.ws.params_file.read_bytes() == before
+
+
+def _prefect(served: Served, *args: str) -> str:
+    """A Prefect CLI command as README shows it, against the test's server; its output."""
+    env = {**served.env, "COLUMNS": "250"}  # table cells unwrapped
+    proc = run(["prefect", *args], served.ws.root, env=env, stdin=subprocess.DEVNULL)
+    # the 422s of issue 11 (FastAPI 0.151 rejecting Prefect's explicit nulls); "422" alone can be part of an ID
+    assert "Unprocessable" not in proc.stdout + proc.stderr and "422 " not in proc.stderr, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_the_prefect_commands_readme_shows_list_and_inspect_what_the_runs_left(served: Served) -> None:
+    assert f"training-pipeline/{DEPLOYMENT}" in _prefect(served, "deployment", "ls")
+    assert "COMPLETED" in _prefect(served, "flow-run", "ls")
+    listed = _prefect(served, "artifact", "ls")
+    assert all(key in listed for key in (GATE_KEY, METRICS_KEY, VERIFICATION_KEY, PRODUCTION_KEY)), listed
+    inspected = _prefect(served, "artifact", "inspect", GATE_KEY)
+    assert "## Promotion decision: " in inspected, inspected
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(served: Served) -> None:
+    # README's "A work pool instead of serve", in a checkout of this project: the same commands.
+    shutil.copytree(PROJECT / "flows", served.ws.root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(PROJECT / "prefect.yaml", served.ws.root / "prefect.yaml")
+    pool = Served(**{**served.__dict__, "env": {**served.env, "VISIONOPS_WORKSPACE": str(served.ws.root)}})
+    _prefect(pool, "work-pool", "create", "visionops-local", "--type", "process")
+    _prefect(pool, "deploy", "--name", "nightly")
+    params = json.dumps({"overrides": OVERRIDES})
+    triggered = _prefect(pool, "deployment", "run", "training-pipeline/nightly", "--params", params)
+    printed = re.search(r"UUID: ([0-9a-f-]{36})", triggered)
+    assert printed, triggered
+    _prefect(pool, "worker", "start", "--pool", "visionops-local", "--run-once")
+    with get_client(sync_client=True) as client:
+        flow_run = _wait_final(client, UUID(printed.group(1)), time.monotonic() + RUN_S)
+        state = flow_run.state
+        assert state is not None and state.type.value == "COMPLETED", (state, log_lines(client, flow_run.id)[-20:])
+        names = [t.name.rsplit("-", 1)[0] for t in task_runs(client, flow_run.id)]
+    assert names[: len(STAGES) + 1] == ["ingest", *STAGES], names
+
+
+@pytest.mark.slow
+def test_a_triggered_run_that_fails_puts_params_yaml_back(served: Served) -> None:
+    before = served.ws.params_file.read_bytes()
+    state = _ended_run({"data.source": "/nonexistent/images", "train.epochs": 2}, RUN_S).state
+    assert state is not None and state.type.value == "FAILED"
+    assert "data source /nonexistent/images not found" in (state.message or "")
+    assert served.ws.params_file.read_bytes() == before, "the failed run left its overrides in params.yaml"
+
+
+@pytest.mark.slow
+def test_serve_goes_on_running_runs_after_the_server_restarts(served: Served) -> None:
+    _stop(served.server, signal.SIGTERM)
+    served.server = served.restart_server()
+    _wait_for("restarted prefect server", lambda: _healthy(served.api_url), served.server, served.serve_log)
+    time.sleep(15)  # the runner's cancellation observer polls while its websocket reconnects
+    state = _ended_run({"train.epoch": 1}, STARTUP_S).state
+    assert state is not None and state.type.value == "FAILED"  # picked up and run by serve
+    assert "unknown key train.epoch" in (state.message or "")
+    assert "cancellation will fail" not in served.serve_log.read_text()

@@ -300,6 +300,7 @@ def test_dvc_repro_runs_the_model_based_checks(workspace: Workspace, shapes_prod
         splits[split] = _shapes_split(sc.scrambled(images), labels, split)
     write_raw(workspace.data, splits)
     params_module.write_overrides(workspace.params_file, {
+        "data.source": "test",  # the source write_raw's data/ says it holds: prepare refuses another
         "data.image_size": sc.SIZE, "registry.uri": str(shapes_production), "validate.min_per_class": 2,
         "validate.max_near_leak_fraction": 1.0, "validate.max_near_duplicate_fraction": 1.0,
     })

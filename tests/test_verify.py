@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks import params
-from tasks.blessing.reports import ExportReport, VerificationReport
+from tasks.blessing.reports import ExportReport, VerificationMetrics, VerificationReport
 from tasks.errors import DataError
 from tasks.export import export
 from tasks.params import ExportParams, Params
@@ -62,6 +62,9 @@ def test_verify_on_cpu_passes_and_says_cuda_was_not_verified(exported: Workspace
     assert "Resize" in {node.op_type for node in onnx.load(str(exported.onnx_model)).graph.node}
     assert report.passed and report.provider_requested == "cpu" and report.provider_active == "cpu"
     assert report.cuda_verified is False
+    headline = VerificationMetrics.read(exported.verification_metrics, "verify")  # the DVC metrics
+    assert headline.latency_p50_ms == report.latency_ms.p50
+    assert headline.onnx_diff_of_atol == max(p.max_abs_diff for p in report.parity) / report.atol < 1
     assert [p.batch for p in report.parity] == [1, 5, 16]
     assert report.parity[-1].images_repeated is True
     assert all(p.max_abs_diff <= 1e-3 and p.top1_agreement == 1.0 for p in report.parity)

@@ -15,7 +15,7 @@ from tasks.fs.records import Record
 
 @dataclass(frozen=True)
 class TrainReport(Record):
-    """reports/train.json (DVC metrics)."""
+    """reports/train.json."""
 
     test_accuracy: float  # in-training accuracy of the final weights, PyTorch, on the test split
     train_loss: float
@@ -47,7 +47,7 @@ class ClassScores(Record):
 
 @dataclass(frozen=True)
 class MetricsReport(Record):
-    """reports/metrics.json (DVC metrics), written by evaluate before it applies the floor."""
+    """reports/metrics.json: every score of evaluate, per class included (its headline: EvaluationMetrics)."""
 
     accuracy: float
     macro_f1: float
@@ -58,6 +58,26 @@ class MetricsReport(Record):
     confusion_matrix: list[list[int]]  # [actual][predicted]
     device: str
     candidate_sha256: str  # of models/candidate.pt, so a report cannot vouch for another candidate
+
+
+@dataclass(frozen=True)
+class GateVerdict(Record):
+    passed: bool
+    reasons: str  # every floor the candidate missed, "; "-joined; empty when it passed
+
+
+@dataclass(frozen=True)
+class EvaluationMetrics(Record):
+    """metrics/evaluate.json, DVC metrics: the headline of reports/metrics.json, a few columns wide
+    so that `dvc metrics show` and `dvc exp show` can put experiments side by side."""
+
+    accuracy: float
+    macro_f1: float
+    gate: GateVerdict  # the floor's verdict: a failing candidate is recorded, not crashed on
+
+    @classmethod
+    def of(cls, report: MetricsReport) -> EvaluationMetrics:
+        return cls(report.accuracy, report.macro_f1, GateVerdict(report.gate.passed, "; ".join(report.gate.failures)))
 
 
 @dataclass(frozen=True)
@@ -184,7 +204,7 @@ class Versions(Record):
 
 @dataclass(frozen=True)
 class VerificationReport(Record):
-    """reports/verification.json (DVC metrics)."""
+    """reports/verification.json: every check of verify (its headline: VerificationMetrics)."""
 
     passed: bool
     failures: list[str]  # names of failed checks
@@ -203,3 +223,17 @@ class VerificationReport(Record):
     fp16: Fp16Verification | None
     checks: list[Check]
     versions: Versions
+
+
+@dataclass(frozen=True)
+class VerificationMetrics(Record):
+    """metrics/verify.json, DVC metrics: the headline of reports/verification.json."""
+
+    # The worst |ONNX - PyTorch fp32| over the checked batches as a share of verify.atol (below 1
+    # passes): the raw difference (~1e-7) would show as 0.0 at `dvc metrics show`'s 5 decimals.
+    onnx_diff_of_atol: float
+    latency_p50_ms: float  # batch 1, on the active provider
+
+    @classmethod
+    def of(cls, report: VerificationReport) -> VerificationMetrics:
+        return cls(max(p.max_abs_diff for p in report.parity) / report.atol, report.latency_ms.p50)

@@ -203,6 +203,11 @@ def _context(data_docs: Path) -> Any:
         ProgressBarsConfig,
     )
 
+    from tasks.data import data_docs as offline_docs
+
+    def offline(view: str) -> dict[str, str]:  # pages that render with no network
+        return {"module_name": offline_docs.__name__, "class_name": view}
+
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
         analytics_enabled=False,
@@ -211,7 +216,14 @@ def _context(data_docs: Path) -> Any:
             "visionops": {
                 "class_name": "SiteBuilder",
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "site_index_builder": {
+                    "class_name": "DefaultSiteIndexBuilder",
+                    "view": offline(offline_docs.OfflineIndexPageView.__name__),
+                },
+                "site_section_builders": {
+                    section: {"view": offline(offline_docs.OfflinePageView.__name__)}
+                    for section in ("expectations", "validations", "profiling")
+                },
             }
         },
     )
