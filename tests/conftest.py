@@ -141,7 +141,13 @@ class S3Bucket:
         client = boto3.client("s3", endpoint_url=self.endpoint, **S3_CLIENT)
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        return {key.removeprefix(prefix): client.get_object(Bucket=self.name, Key=key)["Body"].read() for key in keys}
+        found = {}
+        for key in keys:
+            try:
+                found[key.removeprefix(prefix)] = client.get_object(Bucket=self.name, Key=key)["Body"].read()
+            except client.exceptions.NoSuchKey:  # deleted since the listing (a lease released meanwhile)
+                continue
+        return found
 
 
 @pytest.fixture(scope="session")
