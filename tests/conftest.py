@@ -134,6 +134,14 @@ class S3Bucket:
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.name}", *parts])
 
+    def keys(self, prefix: str) -> set[str]:
+        """The keys under ``prefix`` (relative to it), listed with boto3 without reading any object."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **S3_CLIENT)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return {o["Key"].removeprefix(prefix) for page in pages for o in page.get("Contents", [])}
+
     def objects(self, prefix: str) -> dict[str, bytes]:
         """Every object under ``prefix`` (key relative to it -> bytes), read with boto3, not with visionops."""
         import boto3

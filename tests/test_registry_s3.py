@@ -241,7 +241,7 @@ def test_a_version_upload_killed_midway_is_never_production_nor_a_rollback_targe
     proc = subprocess.Popen(**stage_command("tasks.promote"), cwd=ws.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while "2/model.onnx" not in s3_bucket.objects("models/clf/") and proc.poll() is None:
+    while "2/model.onnx" not in s3_bucket.keys("models/clf/") and proc.poll() is None:  # listed, not read: quick
         assert time.monotonic() < deadline, "the upload never started"
         time.sleep(0.02)
     assert proc.poll() is None, "the promotion finished before it could be killed"
