@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks import params as params_module
+from tasks.entry import ERROR_PREFIX
 from tasks.errors import GateRejected, VisionopsError, user_error
 from tasks.paths import Workspace
 
@@ -310,14 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return EXIT_FAILED
-    except VisionopsError as exc:
-        _say(f"visionops: error: {_one_line(str(exc))}")
-        return exc.exit_code
-    except Exception as exc:  # a full disk, a permission, a broken Parquet file: one line; a bug: its traceback
+    except Exception as exc:  # ours, a full disk, a permission, a broken Parquet file: one line; a bug: its traceback
         error = user_error(exc, f"visionops {args.command}")
         if error is None:
             raise
-        _say(f"visionops: error: {_one_line(str(error))}")
+        _say(f"{ERROR_PREFIX}{_one_line(str(error))}")
         return error.exit_code
     except KeyboardInterrupt:
         _say("visionops: interrupted")
