@@ -187,6 +187,7 @@ def pipeline(ws: Workspace, args: argparse.Namespace, work: Path) -> tuple[int, 
         folders = work / "class-folders"
         print(f"writing {args.decoded_gb} GB of decoded pixels as JPEG class folders in {folders} ...", flush=True)
         decoded = write_folders(folders, args.decoded_gb, args.size)
+        params.write_overrides(ws.params_file, {"data.source": str(folders)})  # as `visionops ingest` records it
         stages = [("ingest", ["--source", str(folders)]), ("prepare", None), ("validate", None)]
     else:
         decoded = write_prepared(ws, args.decoded_gb, args.size)

@@ -6,6 +6,7 @@ only the probabilities, N x classes float32, are kept for the whole split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,16 @@ from tasks.data.prepared import Images, image_batches
 if TYPE_CHECKING:
     import torch
 
-BATCH = 256  # images per forward pass; memory only, results do not depend on it
+MAX_BATCH = 256  # images per forward pass, at most
+# uint8 input bytes per forward pass: 32 images at 224 px. The float activations of a network's
+# first layers are ~40x the input (a 224 px MobileNetV3 batch of 256 took over 500 MB).
+_BATCH_BYTES = 32 * 3 * 224 * 224
+
+
+def scoring_batch(image_shape: tuple[int, ...]) -> int:
+    """Images per forward pass for images of ``image_shape`` (C, H, W): 256 at 32 px, 32 at 224 px.
+    Memory only: the results do not depend on it."""
+    return max(1, min(MAX_BATCH, _BATCH_BYTES // math.prod(image_shape)))
 
 
 def torch_device() -> torch.device:
@@ -35,7 +45,7 @@ def torch_probabilities(model: torch.nn.Module, images: Images, device: torch.de
     model = model.to(device).eval()
     parts = []
     with torch.inference_mode():
-        for batch in image_batches(images, BATCH, "scoring with PyTorch"):
+        for batch in image_batches(images, scoring_batch(images.shape[1:]), "scoring with PyTorch"):
             parts.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     return np.concatenate(parts)
 
