@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 256  # images per forward pass, at most
 # uint8 input bytes per forward pass: 32 images at 224 px. The float activations of a network's
-# first layers are ~40x the input (a 224 px MobileNetV3 batch of 256 took over 500 MB).
+# first layers are ~40x the input (256 images at 224 px took evaluate past a 600 MiB cgroup).
 _BATCH_BYTES = 32 * 3 * 224 * 224
 
 
